@@ -1,0 +1,29 @@
+# Two set-up commands: `make demo` and `make test` (both create .venv when it is missing).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+BDM    := $(VENV)/bin/bdm
+OUT    ?= demo_out
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	mkdir -p $(OUT)
+	$(PY) -c "from sklearn.datasets import load_digits; from PIL import Image; import numpy as np; \
+	  Image.fromarray((load_digits().images[0] * 255 / 16).astype(np.uint8)).save('$(OUT)/digit.png')"
+	$(BDM) blur-preview $(OUT)/digit.png --preset digits --out $(OUT)/blur_preview.png
+	$(BDM) schedule-plot --preset digits --compare 0,2,4 --out $(OUT)/schedule.png --csv $(OUT)/schedule.csv
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

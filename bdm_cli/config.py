@@ -1,0 +1,277 @@
+"""One typed config: frozen dataclasses hold the defaults, YAML presets hold differences.
+
+A preset is a YAML mapping of ``section: {key: value}`` (plus an optional ``extends:
+other_preset``); unknown sections or keys are errors with the nearest valid name, values
+are checked against the field's type, and ``--set section.key=value`` overrides any field.
+YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UsageError
+from .engine import BLURS, GRIDS, SAMPLERS, BlurSchedule
+
+__all__ = ["Config", "ConfigError", "load_config", "list_presets", "preset_path", "apply_overrides", "to_dict", "from_dict"]
+
+
+class ConfigError(UsageError):
+    """A user-facing configuration problem (bad preset, key, value or YAML)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The UNet (DDPM/ADM style); it maps (z_t, t) -> eps and knows nothing of diffusion."""
+
+    channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_heads: int = 1
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The blur schedule (Hoogeboom & Salimans 2023, Sec. 3-4); sigma_blur_max = 0 is plain diffusion."""
+
+    sigma_blur_max: float = 20.0
+    blur: str = "sin2"
+    d_min: float = 0.001
+    logsnr_min: float = -10.0
+    logsnr_max: float = 10.0
+
+    def schedule(self) -> BlurSchedule:
+        return BlurSchedule(self.sigma_blur_max, self.blur, self.d_min, self.logsnr_min, self.logsnr_max)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cifar10"  # cifar10 | digits | a folder of images | a zip of images
+    split: str = "train"  # the sub-folder of a folder/zip to use ("" for all)
+    resolution: int = 32
+    channels: int = 3
+    hflip: bool = True
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 800_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup: int = 5000
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    seed: int = 0
+    log_every: int = 100
+    sample_every: int = 10_000
+    checkpoint_every: int = 10_000
+    device: str = "auto"
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    steps: int = 1000
+    sampler: str = "ancestral"
+    grid: str = ""  # empty: the sampler's default (uniform for ancestral, spectral otherwise)
+    preview_steps: int = 100  # steps for the sample grids written during training
+    n: int = 64
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    preset: str = ""  # the preset this config came from (informational)
+
+    def validate(self) -> "Config":
+        """Check cross-field constraints; raises ConfigError."""
+        checks = [
+            (self.diffusion.blur in BLURS, f"diffusion.blur must be one of {', '.join(BLURS)}"),
+            (self.diffusion.sigma_blur_max >= 0, "diffusion.sigma_blur_max must be >= 0"),
+            (0 < self.diffusion.d_min <= 1, "diffusion.d_min must be in (0, 1]"),
+            (self.diffusion.logsnr_min < self.diffusion.logsnr_max, "need diffusion.logsnr_min < diffusion.logsnr_max"),
+            (self.sample.sampler in SAMPLERS, f"sample.sampler must be one of {', '.join(SAMPLERS)}"),
+            (self.sample.grid in ("",) + GRIDS, f"sample.grid must be empty or one of {', '.join(GRIDS)}"),
+            (self.data.resolution >= 4, "data.resolution must be >= 4"),
+            (self.data.channels in (1, 3), "data.channels must be 1 or 3"),
+            (self.model.channels > 0 and len(self.model.channel_mult) > 0, "model.channels and model.channel_mult must be positive"),
+            (self.data.resolution % 2 ** (len(self.model.channel_mult) - 1) == 0,
+             f"data.resolution {self.data.resolution} must be divisible by 2^(len(model.channel_mult)-1) = "
+             f"{2 ** (len(self.model.channel_mult) - 1)}"),
+            (self.train.steps >= 0 and self.train.batch_size > 0, "train.steps must be >= 0 and train.batch_size > 0"),
+            (1 <= self.sample.steps <= 4000 and 1 <= self.sample.preview_steps <= 4000, "sample.steps must be in 1..4000"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+# -- presets ----------------------------------------------------------------------
+
+def _presets_dir() -> Path:
+    """Presets ship inside the wheel as ``bdm_cli/presets``; in a source checkout they are ``presets/``."""
+    packaged = resources.files("bdm_cli") / "presets"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "presets"
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> its one-line description (the first comment line of the YAML)."""
+    out = {}
+    for p in sorted(_presets_dir().glob("*.yaml")):
+        first = p.read_text().splitlines()[0] if p.stat().st_size else ""
+        out[p.stem] = first.lstrip("# ").strip() if first.startswith("#") else ""
+    return out
+
+
+def preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path  # a user's own preset file
+    names = list_presets()
+    if name not in names:
+        hint = difflib.get_close_matches(name, names, n=1)
+        raise ConfigError(
+            f"unknown preset {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; choose from {', '.join(names)}"
+        )
+    return _presets_dir() / f"{name}.yaml"
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    """Convert a YAML or command-line value to the dataclass field's type, or raise ConfigError."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",") if v.strip()]
+        if isinstance(value, (int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(typ)[0], name) for v in value)
+    try:
+        if typ is bool:
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {typ.__name__}, got {value!r}") from None
+    raise ConfigError(f"{name}: unsupported type {typ}")  # pragma: no cover - a dataclass bug
+
+
+def _merge(cfg: Config, data: dict, source: str) -> Config:
+    sections = {f.name: f for f in fields(Config) if f.name != "preset"}
+    for section, values in data.items():
+        if section not in sections:
+            hint = difflib.get_close_matches(str(section), sections, n=1)
+            raise ConfigError(f"{source}: unknown section {section!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping of keys")
+        current = getattr(cfg, section)
+        types_ = typing.get_type_hints(type(current))
+        changes = {}
+        for key, value in values.items():
+            if key not in types_:
+                hint = difflib.get_close_matches(str(key), types_, n=1)
+                raise ConfigError(
+                    f"{source}: unknown key {section}.{key}" + (f" (did you mean {section}.{hint[0]}?)" if hint else "")
+                )
+            changes[key] = _coerce(value, types_[key], f"{section}.{key}")
+        cfg = replace(cfg, **{section: replace(current, **changes)})
+    return cfg
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), _seen: tuple = ()) -> Config:
+    """Defaults, then the preset (and what it ``extends``), then ``section.key=value`` overrides."""
+    cfg = Config()
+    if preset:
+        path = preset_path(preset)
+        data = _read_yaml(path)
+        parent = data.pop("extends", None)
+        if parent:
+            if parent in _seen:
+                raise ConfigError(f"{path}: preset 'extends' loop through {parent!r}")
+            cfg = load_config(str(parent), (), _seen + (preset,))
+        cfg = replace(_merge(cfg, data, path.name), preset=path.stem)
+    return apply_overrides(cfg, overrides).validate()
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    data: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        parsed = yaml.safe_load(value) if value.strip() else ""
+        # Keep strings that YAML would turn into dates or other exotic types as strings.
+        if not isinstance(parsed, (str, int, float, bool, list)) or parsed is None:
+            parsed = value
+        data.setdefault(section, {})[name] = parsed
+    return _merge(cfg, data, "--set") if data else cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """A plain, YAML/JSON-safe dict of the whole config (tuples as lists)."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return {
+        f.name: ({k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()} if f.name != "preset" else cfg.preset)
+        for f in fields(Config)
+    }
+
+
+def from_dict(data: dict) -> Config:
+    """Inverse of :func:`to_dict` (used for configs stored in checkpoints and run directories)."""
+    data = dict(data)
+    preset = data.pop("preset", "")
+    return replace(_merge(Config(), data, "saved config"), preset=str(preset or "")).validate()
+

@@ -1,0 +1,90 @@
+"""Atomic file writes and image helpers shared by the commands.
+
+Everything the tool writes goes to a temporary file in the target directory, is
+flushed and fsynced, then renamed over the target, so an interruption never leaves
+a half-written file where a good one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import UserError
+
+__all__ = ["OutputError", "atomic_write", "atomic_write_bytes", "to_uint8", "save_png", "make_grid", "check_writable"]
+
+
+class OutputError(UserError):
+    """An output path that cannot be written (missing or read-only directory)."""
+
+
+def check_writable(path: Path) -> Path:
+    """Fail early, with a clear message, if ``path``'s directory does not exist or is not writable."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output directory is not writable: {parent}")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path | str, mode: str = "wb") -> Iterator[io.IOBase]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
+    path = check_writable(Path(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, write: Callable[[io.IOBase], None]) -> Path:
+    with atomic_write(path) as f:
+        write(f)
+    return Path(path)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats to uint8 exactly as a saved PNG holds them (round, clamp)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+    """Tile [N, C, H, W] images into one [C, H', W'] image, ``nrow`` per row (default about sqrt(N))."""
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value, dtype=images.dtype)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def save_png(image: torch.Tensor, path: Path | str, scale: int = 1) -> Path:
+    """Save a [C, H, W] image in [-1, 1] (C = 1 or 3) as PNG, atomically; ``scale`` enlarges it (nearest)."""
+    from PIL import Image
+
+    arr = to_uint8(image.detach().cpu())
+    if scale > 1:
+        arr = arr.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    arr = arr.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr, "RGB")
+    return atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))
