@@ -62,9 +62,12 @@ def presets_cmd(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="A
         for name, description in list_presets().items():
             extra = ""
             if verbose:
+                from .unet import build_model, count_parameters
+
                 cfg = load_config(name)
-                extra = (f" [dim]({cfg.data.resolution}px, {cfg.data.channels}ch, sigma_blur_max="
-                         f"{cfg.diffusion.sigma_blur_max:g}, {cfg.sample.steps} {cfg.sample.sampler} steps)[/]")
+                params = count_parameters(build_model(cfg))
+                extra = (f"\n{'':17s}[dim]{params / 1e6:.2f}M parameters, {cfg.data.resolution}px, {cfg.data.channels}ch, "
+                         f"sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.sample.steps} {cfg.sample.sampler} steps[/]")
             out.print(f"[bold]{name:16s}[/] {description}{extra}", highlight=False)
 
 
@@ -175,6 +178,72 @@ def schedule_plot_cmd(
         if csv_path:
             write_schedule_csv(schedules, resolution, resolution, csv_path)
             out.print(f"Wrote {csv_path}", highlight=False)
+
+
+@app.command("train")
+def train_cmd(
+    preset: PresetOpt = "digits",
+    data: Annotated[Optional[str], typer.Option(help="digits, cifar10, a folder or a zip of images (data.dataset).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<preset>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Total training steps (train.steps).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (train.batch_size).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N (train.device).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of weights, data order, t and noise (train.seed).")] = None,
+    sets: SetOpt = None,
+):
+    """Train a model; `torchrun --nproc_per_node N -m bdm_cli train ...` for several GPUs (or CPU processes)."""
+    import os
+
+    from .checkpoint import CHECKPOINT, checkpoint_config, load_checkpoint
+    from .config import apply_overrides, load_config
+    from .train import train
+
+    overrides = list(sets or [])
+    for key, value in (("data.dataset", data), ("train.steps", steps), ("train.batch_size", batch_size),
+                       ("train.device", device), ("train.seed", seed)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    with user_errors():
+        if resume:
+            run_dir = resume
+            cfg = apply_overrides(checkpoint_config(load_checkpoint(run_dir / CHECKPOINT)), overrides).validate()
+        else:
+            cfg = load_config(preset, overrides)
+            run_dir = out_dir or Path("runs") / cfg.preset
+            if (run_dir / CHECKPOINT).exists():
+                raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+            run_dir.mkdir(parents=True, exist_ok=True)
+        main = int(os.environ.get("RANK", "0")) == 0
+        if main:
+            out.print(f"Training [bold]{cfg.preset or 'custom'}[/] into {run_dir} ({cfg.data.dataset}, "
+                      f"{cfg.data.resolution}px, sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.train.steps} steps)",
+                      highlight=False)
+        with _train_progress(cfg.train.steps, enabled=main) as progress:
+            result = train(cfg, run_dir, resume=resume is not None, progress=progress)
+        if main:
+            how = "Interrupted; checkpoint saved" if result["interrupted"] else "Done"
+            out.print(f"{how} at step {result['step']} (loss {result['loss']:.4f}): {run_dir / CHECKPOINT}"
+                      + (f"; resume with: bdm train --resume {run_dir}" if result["interrupted"] else ""), highlight=False)
+
+
+@contextlib.contextmanager
+def _train_progress(total: int, enabled: bool = True):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=total, loss="-", ips="-")
+
+        def update(info: dict) -> None:
+            fields = {"loss": f"{info['loss']:.4f}", "ips": f"{info['images_per_s']:.0f}"} if "loss" in info else {}
+            bar.update(task, completed=info["step"], **fields)
+
+        yield update
 
 
 def run() -> None:

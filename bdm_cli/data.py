@@ -61,3 +61,118 @@ def load_image(path: Path | str, resolution: int, channels: int = 3) -> torch.Te
             return preprocess(img, resolution, channels)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
+
+
+# -- datasets -------------------------------------------------------------------------
+
+class TensorImages(torch.utils.data.Dataset):
+    """Images already in memory, [N, C, R, R] in [-1, 1] (the bundled digits)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+class FileImages(torch.utils.data.Dataset):
+    """Image files in a folder or a zip, decoded on demand (in DataLoader workers)."""
+
+    def __init__(self, source: Path, names: list[str], resolution: int, channels: int):
+        self.source, self.names, self.resolution, self.channels = source, names, resolution, channels
+        self._zip = None  # opened lazily, once per worker process
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _open(self, name: str):
+        import io
+        import zipfile
+
+        if self.source.is_dir():
+            return open(self.source / name, "rb")
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.source)
+        return io.BytesIO(self._zip.read(name))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        name = self.names[i]
+        try:
+            with self._open(name) as f, Image.open(f) as img:
+                return preprocess(img, self.resolution, self.channels)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"cannot read {name} in {self.source} ({type(e).__name__}: {e})") from None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_zip": None}  # zip handles do not cross process boundaries
+
+
+def _image_names(source: Path, split: str) -> list[str]:
+    """Sorted image paths (relative, '/'-separated) in a folder (recursive) or zip, under ``split/`` if that exists."""
+    import zipfile
+
+    if source.is_dir():
+        names = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    elif zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as z:
+            names = sorted(n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX"))
+    else:
+        raise DataError(f"not a folder or a zip of images: {source}")
+    if split:
+        prefix = split.strip("/") + "/"
+        # A split is a top-level folder, possibly under one common root folder (as in cifar10-jpeg.zip).
+        for candidate in (prefix, *sorted({n.split("/", 1)[0] + "/" + prefix for n in names if "/" in n})):
+            chosen = [n for n in names if n.startswith(candidate)]
+            if chosen:
+                names = chosen
+                break
+    if not names:
+        raise DataError(f"no images found in {source}" + (f" (split {split!r})" if split else ""))
+    return names
+
+
+def load_digits(resolution: int, channels: int) -> torch.Tensor:
+    """scikit-learn's bundled 8x8 digits (1,797 real images, no download), resized, in [-1, 1]."""
+    from PIL import Image
+    from sklearn.datasets import load_digits as sk_digits
+
+    images = sk_digits().images  # [1797, 8, 8], values 0..16
+    out = [preprocess(Image.fromarray((img * (255 / 16)).round().astype(np.uint8), "L"), resolution, channels) for img in images]
+    return torch.stack(out)
+
+
+def _cifar10(root: Path, split: str, resolution: int, channels: int) -> torch.Tensor:
+    from PIL import Image
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(str(root), train=split != "test", download=True)
+    except Exception as e:  # offline: urllib raises several error types
+        raise DataError(
+            f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}). Point --data at a local copy: "
+            "a folder or zip of images, e.g. --data ../shared/data/cifar10-jpeg.zip, or set BDM_DATA_DIR to a folder "
+            "holding cifar-10-batches-py"
+        ) from None
+    return torch.stack([preprocess(Image.fromarray(a), resolution, channels) for a in ds.data])
+
+
+def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = "train") -> torch.utils.data.Dataset:
+    """``digits``, ``cifar10`` (torchvision, cached under $BDM_DATA_DIR or ~/.cache/bdm), or a folder / zip of images."""
+    import os
+
+    if dataset == "digits":
+        return TensorImages(load_digits(resolution, channels))
+    if dataset == "cifar10":
+        root = Path(os.environ.get("BDM_DATA_DIR", Path.home() / ".cache" / "bdm"))
+        return TensorImages(_cifar10(root, split, resolution, channels))
+    if not dataset:
+        raise DataError("no dataset given: pass --data (a folder or zip of images, digits or cifar10)")
+    source = Path(dataset).expanduser()
+    if not source.exists():
+        raise DataError(f"dataset not found: {source} (expected digits, cifar10, a folder or a zip of images)")
+    return FileImages(source, _image_names(source, split), resolution, channels)

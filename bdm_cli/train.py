@@ -1,0 +1,292 @@
+"""The training loop (``bdm train``): read it top to bottom in one screen.
+
+t ~ U(0, 1) per example, the paper's eps-MSE loss, Adam with warm-up and gradient clipping,
+an EMA of the weights (a lerp, as in EDM), bf16 autocast and channels_last on CUDA,
+DistributedDataParallel under torchrun, atomic checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, write_config
+from .config import Config, to_dict
+from .data import make_dataset
+from .engine import eps_loss, sample
+from .errors import UserError
+from .io import make_grid, save_png
+from .unet import build_model
+
+__all__ = ["lr_at", "ema_update", "train", "preview_grid", "StepBatches", "resolve_device", "Dist"]
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then constant (DDPM)."""
+    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` for parameters; buffers are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Index batches as a pure function of (seed, step): epoch ``e`` is ``randperm(n, seed + e)`` cut into
+    global batches; each of ``world`` ranks takes its slice. Starting at any step reproduces the
+    stream exactly, which is what makes resume bit-exact (and plays DistributedSampler's part)."""
+
+    def __init__(self, n: int, batch: int, seed: int, start: int, steps: int, rank: int = 0, world: int = 1):
+        if n < batch:
+            raise UserError(f"the dataset has {n} images, fewer than one batch of {batch}")
+        self.n, self.batch, self.seed, self.start, self.steps, self.rank, self.world = n, batch, seed, start, steps, rank, world
+        self.per_epoch = n // batch
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def __iter__(self):
+        perm, epoch = None, None
+        for step in range(self.start, self.steps):
+            e, k = divmod(step, self.per_epoch)
+            if e != epoch:
+                perm, epoch = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e)), e
+            yield perm[k * self.batch : (k + 1) * self.batch][self.rank :: self.world].tolist()
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but CUDA is not available")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name != "cpu" and not name.startswith("mps"):
+        raise UserError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)")
+    return torch.device(name)
+
+
+def init_distributed(device_name: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: nccl on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = resolve_device(device_name, local).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+class _Stop:
+    """SIGTERM sets a flag that the loop checks, so a scheduler's kill also ends with a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGTERM, self._handle) if _main_thread() else None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0) -> torch.Tensor:
+    """An EMA sample grid with the engine's sampler at ``sample.preview_steps`` (same noise every time)."""
+    g = torch.Generator(device).manual_seed(seed)
+    noise = torch.randn(n, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, generator=g, device=device)
+    x = sample(ema, noise, cfg.diffusion.schedule(), cfg.sample.preview_steps, sampler=cfg.sample.sampler,
+               grid=cfg.sample.grid or None, generator=g)
+    return make_grid(x.clamp(-1, 1).float().cpu())
+
+
+def final_grid(ema, cfg: Config, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """``sample.n`` EMA samples at the full ``sample.steps`` of the preset's sampler."""
+    return preview_grid(ema, replace(cfg, sample=replace(cfg.sample, preview_steps=cfg.sample.steps)), device, cfg.sample.n, seed)
+
+
+def _every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
+    """Train ``cfg`` into ``run_dir`` (``checkpoint.pt``, ``config.yaml``, ``metrics.jsonl``, ``samples/``).
+
+    ``progress`` is called on rank 0 after every step with ``{step, steps, loss, images_per_s}``.
+    Returns ``{step, loss, interrupted, device, world, model, ema}`` (the last two: the trained modules).
+    """
+    tc = cfg.train
+    ddp = init_distributed(tc.device)
+    device = resolve_device(tc.device, ddp.local_rank)
+    cuda, run_dir = device.type == "cuda", Path(run_dir)
+    if tc.batch_size % ddp.world:
+        raise UserError(f"train.batch_size {tc.batch_size} must be divisible by the {ddp.world} processes")
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    model = build_model(cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    torch.manual_seed(tc.seed + ddp.rank)  # dropout differs per rank
+    gen = torch.Generator(device).manual_seed(tc.seed * 1000 + ddp.rank)  # t, noise and flips
+    step = 0
+    if resume:
+        state = load_checkpoint(run_dir / CHECKPOINT)
+        _load_weights(model, state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        rng = state["rng"]
+        if len(rng["gen"]) == ddp.world:
+            gen.set_state(rng["gen"][ddp.rank]), torch.set_rng_state(rng["torch"][ddp.rank])
+    if cuda:
+        model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if ddp.world > 1 else model
+
+    def network(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # bf16 only inside the network: the DCT and the loss stay in float32.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
+            return net(z, t)
+
+    schedule = cfg.diffusion.schedule()
+    data = make_dataset(cfg.data.dataset, cfg.data.resolution, cfg.data.channels, cfg.data.split)
+    batches = StepBatches(len(data), tc.batch_size, tc.seed, step, tc.steps, ddp.rank, ddp.world)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.data.num_workers, pin_memory=cuda,
+                                         generator=torch.Generator())  # keeps the global RNG untouched
+    if ddp.main:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, cfg)
+    writer = _tensorboard(run_dir) if ddp.main else None
+
+    def gathered(state: torch.Tensor) -> list[torch.Tensor]:
+        if ddp.world == 1:
+            return [state]
+        local = state.to(device)
+        out = [torch.empty_like(local) for _ in range(ddp.world)]
+        dist.all_gather(out, local)
+        return [o.cpu() for o in out]
+
+    def checkpoint() -> None:
+        rng = {"gen": gathered(gen.get_state()), "torch": gathered(torch.get_rng_state())}
+        if ddp.main:
+            save_checkpoint(run_dir / CHECKPOINT, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                                   "step": step, "config": to_dict(cfg), "rng": rng})
+
+    loss_sum, loss_n, last_loss, interrupted = torch.zeros((), device=device), 0, math.nan, False
+    tick, tick_step = time.perf_counter(), step
+    try:
+        with _Stop() as stop:
+            for x in loader:
+                x = x.to(device, non_blocking=True)
+                b = x.shape[0]
+                if cfg.data.hflip:
+                    x = torch.where(torch.rand(b, 1, 1, 1, generator=gen, device=device) < 0.5, x.flip(-1), x)
+                t = torch.rand(b, generator=gen, device=device)
+                noise = torch.randn(x.shape, generator=gen, device=device)
+                if cuda:
+                    x, noise = x.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, tc.lr, tc.warmup)
+                loss = eps_loss(network, x, t, noise, schedule)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                opt.step()
+                ema_update(ema, model, tc.ema_decay)
+                step += 1
+                loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
+                if _every(step, tc.log_every) or step == tc.steps:
+                    last_loss = (loss_sum / loss_n).item()  # one host sync per log interval
+                    if not math.isfinite(last_loss):
+                        raise UserError(f"the loss became {last_loss} by step {step}; stopped, the last checkpoint is kept")
+                    now = time.perf_counter()
+                    ips = (step - tick_step) * tc.batch_size / max(now - tick, 1e-9)
+                    tick, tick_step, loss_sum, loss_n = now, step, torch.zeros((), device=device), 0
+                    if ddp.main:
+                        _log(run_dir, writer, {"step": step, "loss": last_loss, "lr": opt.param_groups[0]["lr"], "images_per_s": ips})
+                        if progress:
+                            progress({"step": step, "steps": tc.steps, "loss": last_loss, "images_per_s": ips})
+                elif ddp.main and progress:
+                    progress({"step": step, "steps": tc.steps})
+                if _every(step, tc.sample_every) and ddp.main:
+                    save_png(preview_grid(ema, cfg, device, cfg.sample.n), run_dir / "samples" / f"step_{step:06d}.png")
+                if _every(step, tc.checkpoint_every):
+                    checkpoint()
+                if stop.requested:
+                    interrupted = True
+                    break
+    except KeyboardInterrupt:
+        interrupted = True
+    checkpoint()
+    if writer:
+        writer.close()
+    if ddp.main and not interrupted and step >= tc.steps and tc.steps > 0:
+        save_png(final_grid(ema, cfg, device), run_dir / "samples" / "final.png")
+    return {"step": step, "loss": last_loss, "interrupted": interrupted, "device": str(device), "world": ddp.world,
+            "model": model, "ema": ema}
+
+
+def _load_weights(model: torch.nn.Module, state: dict) -> None:
+    """load_state_dict with a one-line message naming the first mismatch (another config's checkpoint)."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            raise UserError(f"checkpoint does not fit this model: unexpected weight {key!r} (was it trained with another config?)")
+        if own[key].shape != value.shape:
+            raise UserError(f"checkpoint does not fit this model: {key} has shape {tuple(value.shape)} in the checkpoint, "
+                            f"{tuple(own[key].shape)} in the model (was it trained with another config?)")
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise UserError(f"checkpoint does not fit this model: weight {missing[0]!r} is missing (another config?)")
+    model.load_state_dict(state)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _log(run_dir: Path, writer, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**record, "time": time.time()}) + "\n")
+    if writer:
+        for key, value in record.items():
+            if key != "step":
+                writer.add_scalar(f"train/{key}", value, record["step"])

@@ -1,0 +1,166 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from bdm_cli.checkpoint import load_checkpoint
+from bdm_cli.cli import app
+from bdm_cli.config import list_presets, load_config
+from bdm_cli.data import make_dataset
+from bdm_cli.train import StepBatches, lr_at, train
+from bdm_cli.unet import build_model, count_parameters
+
+from .conftest import ROOT, shared_file
+
+runner = CliRunner()
+
+
+def test_lr_warmup():
+    assert lr_at(0, 1e-3, 10) == pytest.approx(1e-4)
+    assert lr_at(9, 1e-3, 10) == pytest.approx(1e-3)
+    assert lr_at(500, 1e-3, 10) == 1e-3 and lr_at(0, 1e-3, 0) == 1e-3
+
+
+def test_step_batches_resume_and_ranks():
+    full = list(StepBatches(20, 4, seed=3, start=0, steps=12))
+    assert list(StepBatches(20, 4, seed=3, start=7, steps=12)) == full[7:]
+    assert all(len(b) == 4 for b in full) and sorted(sum(full[:5], [])) == list(range(20))  # one epoch: a permutation
+    r0, r1 = list(StepBatches(20, 4, 3, 0, 12, 0, 2)), list(StepBatches(20, 4, 3, 0, 12, 1, 2))
+    assert [sorted(a + b) for a, b in zip(r0, r1)] == [sorted(b) for b in full]
+
+
+@pytest.mark.parametrize("name", sorted(list_presets()))
+def test_every_preset_builds_its_model(name):
+    cfg = load_config(name)
+    model = build_model(cfg)
+    assert count_parameters(model) > 0
+    if cfg.data.resolution <= 32:
+        x = torch.randn(2, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+        assert model(x, torch.rand(2)).shape == x.shape
+
+
+def test_unet_non_square_and_zero_init_output():
+    cfg = load_config("tiny")
+    from bdm_cli.unet import UNet
+
+    net = UNet(3, 8, cfg.model)
+    x = torch.randn(2, 3, 8, 12)
+    assert net(x, torch.rand(2)).shape == x.shape
+
+
+def test_training_lowers_the_loss(tmp_path):
+    cfg = load_config("tiny", ["train.steps=60", "train.log_every=20", "train.lr=2e-3"])
+    losses = []
+    train(cfg, tmp_path, progress=lambda d: losses.append(d["loss"]) if "loss" in d else None)
+    assert len(losses) == 3 and losses[-1] < losses[0] * 0.8, losses
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [20, 40, 60]
+    assert (tmp_path / "samples" / "final.png").exists() and (tmp_path / "config.yaml").exists()
+
+
+def test_resume_is_bit_exact(tmp_path):
+    # Dropout on, so the global RNG matters too.
+    over = ["train.steps=10", "model.dropout=0.2", "train.checkpoint_every=0"]
+    straight = train(load_config("tiny", over), tmp_path / "a")
+    half = load_config("tiny", over[1:] + ["train.steps=5"])
+    train(half, tmp_path / "b")
+    resumed = train(load_config("tiny", over), tmp_path / "b", resume=True)
+    assert resumed["step"] == 10
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ea, eb = straight["ema"].state_dict(), resumed["ema"].state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    state = load_checkpoint(tmp_path / "b")  # weights_only=True inside
+    assert state["step"] == 10
+
+
+def test_cli_train_and_resume(tmp_path):
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--preset", "tiny", "--out", str(run), "--steps", "4"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--preset", "tiny", "--out", str(run)])
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = runner.invoke(app, ["train", "--resume", str(run), "--steps", "6"])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "from bdm_cli.config import load_config\n"
+        "from bdm_cli.train import train\n"
+        "cfg = load_config('tiny', ['train.steps=4', 'train.batch_size=8', 'train.device=cpu'])\n"
+        "r = train(cfg, sys.argv[1])\n"
+        "torch.save(r['model'].state_dict(), os.path.join(sys.argv[1], f\"rank{os.environ['RANK']}.pt\"))\n"
+        "assert r['world'] == 2\n"
+    )
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", env["MASTER_PORT"], str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    single = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert single["step"] == 4 and len(single["rng"]["gen"]) == 2
+
+
+def _write_images(folder, n=6, size=(20, 14), mode="RGB"):
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = (rng.random((size[1], size[0], 3)) * 255).astype("uint8")
+        Image.fromarray(arr).convert(mode).save(folder / f"{i}.png")
+
+
+def test_folder_and_zip_datasets(tmp_path):
+    _write_images(tmp_path / "imgs" / "train" / "a", 5)
+    _write_images(tmp_path / "imgs" / "test", 3, mode="L")
+    folder = make_dataset(str(tmp_path / "imgs"), 8, 3, "train")
+    assert len(folder) == 5 and folder[0].shape == (3, 8, 8) and -1 <= folder[0].min() and folder[0].max() <= 1
+    assert len(make_dataset(str(tmp_path / "imgs"), 8, 3, "")) == 8
+    zpath = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for p in (tmp_path / "imgs").rglob("*.png"):
+            z.write(p, "root/" + p.relative_to(tmp_path / "imgs").as_posix())
+    zipped = make_dataset(str(zpath), 8, 1, "test")
+    assert len(zipped) == 3 and zipped[0].shape == (1, 8, 8)
+    loader = torch.utils.data.DataLoader(zipped, batch_size=3, num_workers=2)
+    assert next(iter(loader)).shape == (3, 1, 8, 8)
+
+
+def test_shared_cifar10_zip_loads():
+    path = shared_file("data/cifar10-jpeg.zip")
+    train_split = make_dataset(str(path), 32, 3, "train")
+    assert len(train_split) == 50000 and train_split[0].shape == (3, 32, 32)
+    assert len(make_dataset(str(path), 32, 3, "test")) == 10000
+
+
+def test_cifar10_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("BDM_DATA_DIR", str(tmp_path))
+    import torchvision.datasets.utils as u
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(u, "download_url", offline)
+    from bdm_cli.data import DataError
+
+    with pytest.raises(DataError, match="cifar10-jpeg.zip"):
+        make_dataset("cifar10", 32)
