@@ -21,6 +21,10 @@ demo: install
 	  Image.fromarray((load_digits().images[0] * 255 / 16).astype(np.uint8)).save('$(OUT)/digit.png')"
 	$(BDM) blur-preview $(OUT)/digit.png --preset digits --out $(OUT)/blur_preview.png
 	$(BDM) schedule-plot --preset digits --compare 0,2,4 --out $(OUT)/schedule.png --csv $(OUT)/schedule.csv
+	rm -rf $(OUT)/digits
+	$(BDM) train --preset digits --device cpu --out $(OUT)/digits
+	cp $(OUT)/digits/samples/final.png $(OUT)/samples.png
+	@echo "Sample grid: $(OUT)/samples.png"
 
 test: install
 	$(PY) -m pytest -q

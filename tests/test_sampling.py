@@ -32,7 +32,8 @@ def oracle(schedule):
 def spectrum_error(sigma_blur_max, steps, sampler, grid=None, seed=0):
     schedule = BlurSchedule(sigma_blur_max=sigma_blur_max)
     g = torch.Generator().manual_seed(seed)
-    x = sample(oracle(schedule), torch.randn(N, 1, H, W, generator=g), schedule, steps, sampler=sampler, grid=grid, generator=g)
+    x = sample(oracle(schedule), torch.randn(N, 1, H, W, generator=g), schedule, steps, sampler=sampler, grid=grid,
+               generator=g, clip_denoised=False)
     err = (dct2(x).std(0)[0] / SPEC - 1).abs()
     return err.median().item(), err.max().item()
 

@@ -122,32 +122,38 @@ class Step:
     s: float  # time reached by this step
     z: torch.Tensor  # network input z_t (pixels)
     eps: torch.Tensor  # network output at z_t (pixels)
-    alpha: torch.Tensor  # alpha_t per frequency, [1, 1, H, W]
-    sigma: float  # sigma_t
+    x_u: torch.Tensor  # the x prediction at this step, DCT space
 
     @property
     def denoised(self) -> torch.Tensor:
-        """The model's prediction of x at this step: ``IDCT((DCT(z_t) - sigma_t DCT(eps)) / alpha_t)``."""
-        return idct2((dct2(self.z) - self.sigma * dct2(self.eps)) / self.alpha)
+        """The model's prediction of x at this step (pixels): ``IDCT((DCT(z_t) - sigma_t DCT(eps)) / alpha_t)``."""
+        return idct2(self.x_u)
 
 
 def _coefficients(schedule: BlurSchedule, ts: torch.Tensor, height: int, width: int, sampler: str):
-    """Per-step coefficients, each [steps, 1, 1, H, W] in float64 (None where the sampler has none).
+    """Per-step coefficients of ``u_s = c_u u_t + c_x x_hat_t`` (plus the sampler's extra term), float64.
 
-    ``c_u, c_eps``: the ancestral posterior mean or the DDIM step, ``u_s = c_u u_t + c_eps eps_u``.
-    ``c_noise``: ``sqrt(var)`` of the ancestral step (zero on the last step, which returns the mean).
-    ``c_corr``: Heun's corrector weight, ``u_s = u_ddim + c_corr (x_hat_s - x_hat_t)``.
+    Written with the model's x prediction ``x_hat_t = (u_t - sigma_t eps_u) / alpha_t``, so that it can
+    be clipped; with ``eps_u = (u_t - alpha_t x_hat_t) / sigma_t`` this is the same step as the eps form:
+    * ancestral: ``c_u = alpha_ts var / sigma2_ts``, ``c_x = alpha_s var / sigma_s^2`` (the posterior mean),
+      ``c_noise = sqrt(var)`` (zero on the last step, which returns the mean);
+    * ddim and heun: ``c_u = sigma_s / sigma_t``, ``c_x = alpha_s - alpha_t sigma_s / sigma_t``;
+    * heun: ``c_corr`` of the corrector ``u_s = u_ddim + c_corr (x_hat_s - x_hat_t)``.
+    Each is [steps, 1, 1, H, W] (None where the sampler has none).
     """
+    delta = 1e-8
     alpha, sigma = schedule.alpha_sigma(ts, height, width)  # [N+1, 1, H, W], [N+1, 1, 1, 1]
     alpha_t, sigma_t, alpha_s, sigma_s = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
     c_noise = c_corr = None
     if sampler == "ancestral":
-        c_u, c_eps, var = posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s)
+        c_eps_u, _, var = posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, delta)
+        c_x = alpha_s * var / (sigma_s**2).clamp(min=delta)
+        c_u = c_eps_u - c_x / alpha_t  # the x_hat part of the eps-form coefficient moves to c_x
         c_noise = var.sqrt()
         c_noise[-1] = 0.0
     else:
-        c_u = alpha_s / alpha_t
-        c_eps = sigma_s - alpha_s * sigma_t / alpha_t
+        c_u = (sigma_s / sigma_t).expand_as(alpha_t)
+        c_x = alpha_s - alpha_t * sigma_s / sigma_t
     if sampler == "heun":
         # Trapezoid on x_hat, linear in lambda = log(alpha/sigma) per frequency:
         #   integral of x_hat d(e^lambda) = ... + (x_hat_s - x_hat_t) (h - 1 + e^-h) / h,  h = lambda_s - lambda_t.
@@ -157,7 +163,7 @@ def _coefficients(schedule: BlurSchedule, ts: torch.Tensor, height: int, width: 
         phi = torch.where(h > 1e-4, (h - 1 + torch.exp(-h)) / h, h / 2 - h**2 / 6)
         c_corr = alpha_s * phi
         c_corr[-1] = 0.0  # a plain Euler (DDIM) step to t = 0
-    return tuple(None if c is None else c.unsqueeze(1) for c in (c_u, c_eps, c_noise, c_corr, alpha_t, sigma_t))
+    return tuple(None if c is None else c.unsqueeze(1) for c in (c_u, c_x, c_noise, c_corr, alpha_t, sigma_t))
 
 
 @torch.no_grad()
@@ -171,6 +177,7 @@ def sample(
     grid: str | None = None,
     generator: Generator = None,
     callback: Callable[[Step], None] | None = None,
+    clip_denoised: bool = True,
 ) -> torch.Tensor:
     """Draw samples by integrating the reverse process from ``z_1 = noise`` to ``t = 0``.
 
@@ -185,6 +192,10 @@ def sample(
             :func:`default_grid` of the sampler.
         generator: a ``torch.Generator`` or one per sample, for the ancestral noise.
         callback: called with a :class:`Step` after every step (progress bars, trajectories).
+        clip_denoised: clip the x prediction to [-1, 1] in pixel space before each step, as DDPM
+            does for images. With blur this matters: an eps error ``e`` in a blurred-out frequency
+            is an x error ``sigma_t e / alpha_t`` (up to 1e5 e), which unclipped can swamp the sample
+            when that frequency's SNR returns. Pass False for data not in [-1, 1].
 
     Returns:
         ``z_0``, the samples in pixel space, same shape and dtype as ``noise``.
@@ -199,27 +210,29 @@ def sample(
     height, width = noise.shape[-2:]
     ts = time_grid(schedule, steps, grid, (height, width))
     coefs = _coefficients(schedule, ts, height, width, sampler)
-    c_u, c_eps, c_noise, c_corr, alpha, sigma = (None if c is None else c.to(noise.device, noise.dtype) for c in coefs)
+    c_u, c_x, c_noise, c_corr, alpha, sigma = (None if c is None else c.to(noise.device, noise.dtype) for c in coefs)
     t_in = ts.to(noise.device, noise.dtype)
     batch = noise.shape[0]
 
-    def eps_u(u: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def predict(u: torch.Tensor, i: int):
+        """Network input z, its eps output, and the x prediction in DCT space (clipped in pixels if asked)."""
         z = idct2(u)
         eps = model(z, t_in[i].expand(batch)).to(noise.dtype)
-        return z, eps, dct2(eps)
+        x_u = (u - sigma[i] * dct2(eps)) / alpha[i]
+        if clip_denoised:
+            x_u = dct2(idct2(x_u).clamp(-1.0, 1.0))
+        return z, eps, x_u
 
     u = dct2(noise)
     for i in range(steps):
-        z, eps, e = eps_u(u, i)
-        u_next = c_u[i] * u + c_eps[i] * e
+        z, eps, x_u = predict(u, i)
+        u_next = c_u[i] * u + c_x[i] * x_u
         if c_corr is not None and i < steps - 1:
-            _, _, e_next = eps_u(u_next, i + 1)
-            x_t = (u - sigma[i] * e) / alpha[i]
-            x_s = (u_next - sigma[i + 1] * e_next) / alpha[i + 1]
-            u_next = u_next + c_corr[i] * (x_s - x_t)
+            _, _, x_next = predict(u_next, i + 1)
+            u_next = u_next + c_corr[i] * (x_next - x_u)
         elif c_noise is not None and i < steps - 1:
             u_next = u_next + c_noise[i] * randn(u.shape, generator, dtype=u.dtype, device=u.device)
         u = u_next
         if callback is not None:
-            callback(Step(i, steps, float(ts[i]), float(ts[i + 1]), z, eps, alpha[i], float(sigma[i])))
+            callback(Step(i, steps, float(ts[i]), float(ts[i + 1]), z, eps, x_u))
     return idct2(u)
