@@ -37,10 +37,12 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
         path = path / CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain data; refusing to load it ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data (code could run on loading); refusing to load it") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt? {type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

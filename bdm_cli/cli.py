@@ -227,6 +227,201 @@ def train_cmd(
                       + (f"; resume with: bdm train --resume {run_dir}" if result["interrupted"] else ""), highlight=False)
 
 
+RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the newest under ./runs).")]
+CkptOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file instead of --run.")]
+
+
+def _check_sampling(n: int, steps: int | None, sampler: str | None, grid: str | None, batch_size: int) -> None:
+    from .engine import GRIDS, SAMPLERS
+
+    if n <= 0:
+        raise UsageError(f"--n must be positive, got {n}")
+    if steps is not None and not 1 <= steps <= 4000:
+        raise UsageError(f"--steps must be in 1..4000, got {steps}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if grid is not None and grid not in GRIDS:
+        raise UsageError(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+    if batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {batch_size}")
+
+
+@app.command("sample")
+def sample_cmd(
+    run: RunOpt = None,
+    checkpoint: CkptOpt = None,
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
+    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Grid PNG (default grid.png unless --out-dir).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Also write one PNG per sample here (for FID).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the run's sample.steps).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ancestral | ddim | heun (default: the run's).")] = None,
+    grid: Annotated[Optional[str], typer.Option(help="uniform | logsnr | spectral (default: the sampler's).")] = None,
+    seed: Annotated[int, typer.Option(help="Sample i depends only on (seed, i).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Samples per batch (does not change the samples).")] = 64,
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast in the network (CUDA only).")] = False,
+    trajectory: Annotated[Optional[Path], typer.Option(help="Also write a strip of the predicted x over the steps for 8 samples.")] = None,
+):
+    """Draw samples from a trained run: a grid, and/or one PNG per sample."""
+    import torch
+
+    from .engine import nfe
+    from .generate import find_checkpoint, load_run, sample_batches
+    from .io import check_writable, make_grid, save_png
+
+    with user_errors():
+        _check_sampling(n, steps, sampler, grid, batch_size)
+        grid_path = out_path or (None if out_dir else Path("grid.png"))
+        for p in [grid_path, trajectory]:
+            if p is not None:
+                check_writable(p)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        r = load_run(find_checkpoint(run, checkpoint), ema=not no_ema, device=device)
+        k = steps or r.cfg.sample.steps
+        name = sampler or r.cfg.sample.sampler
+        out.print(f"Sampling {n} images from step {r.step} ({r.cfg.preset}, {name}, {k} steps, {nfe(name, k)} network calls per batch)",
+                  highlight=False)
+        images, snaps = [], []
+
+        def snap(first: int, st) -> None:
+            if first == 0 and trajectory is not None:
+                snaps.append(st.denoised[:8].float().clamp(-1, 1).cpu())
+            bar.update(task, advance=1)
+
+        with _progress("sample") as bar:
+            task = bar.add_task("sample", total=-(-n // batch_size) * k)
+            for b, x in enumerate(sample_batches(r, n, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler,
+                                                 grid=grid, bf16=bf16, callback=snap)):
+                if out_dir is not None:
+                    for j, img in enumerate(x):
+                        save_png(img, out_dir / f"{b * batch_size + j:06d}.png")
+                if grid_path is not None:
+                    images.append(x)
+        if grid_path is not None:
+            save_png(make_grid(torch.cat(images)), grid_path)
+            out.print(f"Wrote {grid_path}", highlight=False)
+        if out_dir is not None:
+            out.print(f"Wrote {n} PNGs to {out_dir}", highlight=False)
+        if trajectory is not None and snaps:
+            pick = snaps[:: max(1, len(snaps) // 10)] + ([snaps[-1]] if (len(snaps) - 1) % max(1, len(snaps) // 10) else [])
+            save_png(make_grid(torch.stack(pick, 1).flatten(0, 1), nrow=len(pick)), trajectory)
+            out.print(f"Wrote {trajectory}", highlight=False)
+
+
+@app.command("fid")
+def fid_cmd(
+    a: Annotated[Optional[str], typer.Argument(help="Folder or zip of images, .npz with mu/sigma, or cifar10-train / cifar10-test.")] = None,
+    b: Annotated[Optional[str], typer.Argument(help="The second input (omit with --save-stats or --run).")] = None,
+    run: RunOpt = None,
+    checkpoint: CkptOpt = None,
+    ref: Annotated[Optional[str], typer.Option(help="Reference for --run: any input form above.")] = None,
+    n: Annotated[int, typer.Option("--n", help="Samples to draw with --run.")] = 50_000,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps with --run.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="Sampler with --run.")] = None,
+    grid: Annotated[Optional[str], typer.Option(help="Time grid with --run.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed with --run.")] = 0,
+    out_dir: Annotated[Optional[Path], typer.Option(help="With --run, also write the samples as PNGs here.")] = None,
+    save_stats: Annotated[Optional[Path], typer.Option(help="Write mu/sigma of the (first) input to this .npz.")] = None,
+    dims: Annotated[int, typer.Option(help="Inception features: 2048 (standard), 768, 192 or 64.")] = 2048,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="FID Inception state dict (else $BDM_INCEPTION_WEIGHTS or pytorch-fid's download).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per Inception batch.")] = 200,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers (default: cores, up to 8).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write cached dataset statistics.")] = False,
+):
+    """Frechet Inception Distance between two image sets, or of a model's samples (--run) against --ref."""
+    import os
+    import warnings
+
+    import numpy as np
+
+    from . import fid
+    from .io import check_writable
+    from .train import resolve_device
+
+    with user_errors():
+        dev = resolve_device(device)
+        if batch_size <= 0:
+            raise UsageError(f"--batch-size must be positive, got {batch_size}")
+        sampling = run is not None or checkpoint is not None
+        if sampling:
+            _check_sampling(n, steps, sampler, grid, batch_size)
+            if n < 2:
+                raise UsageError(f"FID needs at least 2 images, got --n {n}")
+            if (ref or a) is None:
+                raise UsageError("--run needs --ref (a folder, zip, .npz or named reference)")
+        elif a is None or (b is None and save_stats is None):
+            raise UsageError("give two inputs (bdm fid A B), one input with --save-stats, or --run with --ref")
+        if save_stats is not None:
+            check_writable(save_stats)
+        model = fid.inception(dims, inception_weights, dev)
+        weights_id = str(inception_weights or os.environ.get(fid.WEIGHTS_ENV, "pytorch-fid"))
+        opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, weights_id=weights_id, use_cache=not no_cache)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ours are printed below, once
+            with _progress("fid") as bar:
+                task = bar.add_task("fid", total=None)
+
+                def counted(k: int) -> None:
+                    bar.update(task, total=(bar.tasks[0].total or 0) + k)
+
+                progress = lambda k: bar.update(task, advance=k)  # noqa: E731
+                if sampling:
+                    stats1 = _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, batch_size, out_dir, model,
+                                             dims, dev, counted, progress)
+                    second = ref or a
+                else:
+                    stats1 = fid.stats_of(a, model, progress=progress, on_count=counted, **opts)
+                    second = b
+                stats2 = fid.stats_of(second, model, progress=progress, on_count=counted, **opts) if second else None
+        for label, st in (("first input", stats1), ("second input", stats2)):
+            if st is not None and 0 <= st[2] < 2048:
+                console.print(f"[yellow]Warning:[/] {label} has {st[2]} images (< 2048): the covariance is rank-deficient "
+                              "and FID is biased upward", highlight=False)
+        if save_stats is not None:
+            fid.save_stats(save_stats, *stats1)
+            out.print(f"Wrote {save_stats} ({stats1[2]} images)", highlight=False)
+        if stats2 is not None:
+            value = fid.frechet_distance(stats1[0], stats1[1], stats2[0], stats2[1])
+            out.print(f"FID: {value:.4f}" if np.isfinite(value) else f"FID: {value}")
+
+
+def _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, batch_size, out_dir, model, dims, dev, counted, progress):
+    """Sample from a run and stream the samples, quantised as a PNG would hold them, into the Inception."""
+    from . import fid
+    from .generate import find_checkpoint, load_run, sample_batches
+    from .io import save_png, to_uint8
+
+    r = load_run(find_checkpoint(run, checkpoint), device=str(dev))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    counted(n)
+
+    def batches():
+        for k, x in enumerate(sample_batches(r, n, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler, grid=grid)):
+            if out_dir is not None:
+                for j, img in enumerate(x):
+                    save_png(img, out_dir / f"{k * batch_size + j:06d}.png")
+            q = to_uint8(x).float() / 255.0
+            yield q.expand(-1, 3, -1, -1) if q.shape[1] == 1 else q  # grayscale -> RGB as PIL's convert does
+
+    st = fid.features(model, batches(), dims, dev, progress)
+    return (*st.result(), st.n)
+
+
+@contextlib.contextmanager
+def _progress(label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from rich.progress import TaskProgressColumn
+
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(show_speed=True),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as bar:
+        yield bar
+
+
 @contextlib.contextmanager
 def _train_progress(total: int, enabled: bool = True):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

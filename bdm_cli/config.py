@@ -38,6 +38,9 @@ class ModelConfig:
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
     num_heads: int = 1
+    # eps_hat = (exact eps of a Gaussian with the data's per-frequency mean/variance) + network:
+    # see engine.precondition. false: the paper's bare eps network.
+    precondition: bool = True
 
 
 @dataclass(frozen=True)

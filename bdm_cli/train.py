@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, write_config
 from .config import Config, to_dict
 from .data import make_dataset
-from .engine import eps_loss, sample
+from .engine import dct2, eps_loss, precondition, sample
 from .errors import UserError
 from .io import make_grid, save_png
 from .unet import build_model
@@ -128,18 +128,39 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0) -> torch.Tensor:
+@torch.no_grad()
+def data_stats(data, max_images: int = 10_000, batch: int = 500) -> dict[str, torch.Tensor]:
+    """Per-frequency mean and variance of ``DCT(x)`` over (up to ``max_images`` of) the data, float32 [C, H, W]."""
+    idx = torch.linspace(0, len(data) - 1, min(len(data), max_images)).long().tolist()
+    s1 = s2 = None
+    for i in range(0, len(idx), batch):
+        u = dct2(torch.stack([data[j] for j in idx[i : i + batch]]).double())
+        s1 = u.sum(0) if s1 is None else s1 + u.sum(0)
+        s2 = (u**2).sum(0) if s2 is None else s2 + (u**2).sum(0)
+    mean = s1 / len(idx)
+    return {"mean_u": mean.float(), "var_u": (s2 / len(idx) - mean**2).clamp(min=1e-8).float()}
+
+
+def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0, stats: dict | None = None) -> torch.Tensor:
     """An EMA sample grid with the engine's sampler at ``sample.preview_steps`` (same noise every time)."""
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(n, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, generator=g, device=device)
-    x = sample(ema, noise, cfg.diffusion.schedule(), cfg.sample.preview_steps, sampler=cfg.sample.sampler,
-               grid=cfg.sample.grid or None, generator=g)
+    x = sample(denoiser(ema, cfg, stats), noise, cfg.diffusion.schedule(), cfg.sample.preview_steps,
+               sampler=cfg.sample.sampler, grid=cfg.sample.grid or None, generator=g)
     return make_grid(x.clamp(-1, 1).float().cpu())
 
 
-def final_grid(ema, cfg: Config, device: torch.device, seed: int = 0) -> torch.Tensor:
+def denoiser(net, cfg: Config, stats: dict | None):
+    """The eps predictor the engine trains and samples: the network, preconditioned when the config says so."""
+    if not (cfg.model.precondition and stats):
+        return net
+    return precondition(net, cfg.diffusion.schedule(), stats["mean_u"], stats["var_u"])
+
+
+def final_grid(ema, cfg: Config, device: torch.device, seed: int = 0, stats: dict | None = None) -> torch.Tensor:
     """``sample.n`` EMA samples at the full ``sample.steps`` of the preset's sampler."""
-    return preview_grid(ema, replace(cfg, sample=replace(cfg.sample, preview_steps=cfg.sample.steps)), device, cfg.sample.n, seed)
+    full = replace(cfg, sample=replace(cfg.sample, preview_steps=cfg.sample.steps))
+    return preview_grid(ema, full, device, cfg.sample.n, seed, stats)
 
 
 def _every(step: int, n: int) -> bool:
@@ -183,6 +204,9 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
 
     schedule = cfg.diffusion.schedule()
     data = make_dataset(cfg.data.dataset, cfg.data.resolution, cfg.data.channels, cfg.data.split)
+    stats = (state.get("data_stats") if resume else None) or (data_stats(data) if cfg.model.precondition else None)
+    stats = {k: v.to(device) for k, v in stats.items()} if stats else None
+    eps_model = denoiser(network, cfg, stats)
     batches = StepBatches(len(data), tc.batch_size, tc.seed, step, tc.steps, ddp.rank, ddp.world)
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.data.num_workers, pin_memory=cuda,
                                          generator=torch.Generator())  # keeps the global RNG untouched
@@ -203,7 +227,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
         rng = {"gen": gathered(gen.get_state()), "torch": gathered(torch.get_rng_state())}
         if ddp.main:
             save_checkpoint(run_dir / CHECKPOINT, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                                   "step": step, "config": to_dict(cfg), "rng": rng})
+                                                   "step": step, "config": to_dict(cfg), "rng": rng,
+                                                   "data_stats": {k: v.cpu() for k, v in stats.items()} if stats else {}})
 
     loss_sum, loss_n, last_loss, interrupted = torch.zeros((), device=device), 0, math.nan, False
     tick, tick_step = time.perf_counter(), step
@@ -220,7 +245,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
                     x, noise = x.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, tc.lr, tc.warmup)
-                loss = eps_loss(network, x, t, noise, schedule)
+                loss = eps_loss(eps_model, x, t, noise, schedule)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip > 0:
@@ -243,7 +268,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
                 elif ddp.main and progress:
                     progress({"step": step, "steps": tc.steps})
                 if _every(step, tc.sample_every) and ddp.main:
-                    save_png(preview_grid(ema, cfg, device, cfg.sample.n), run_dir / "samples" / f"step_{step:06d}.png")
+                    save_png(preview_grid(ema, cfg, device, cfg.sample.n, stats=stats), run_dir / "samples" / f"step_{step:06d}.png")
                 if _every(step, tc.checkpoint_every):
                     checkpoint()
                 if stop.requested:
@@ -255,7 +280,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     if writer:
         writer.close()
     if ddp.main and not interrupted and step >= tc.steps and tc.steps > 0:
-        save_png(final_grid(ema, cfg, device), run_dir / "samples" / "final.png")
+        save_png(final_grid(ema, cfg, device, stats=stats), run_dir / "samples" / "final.png")
     return {"step": step, "loss": last_loss, "interrupted": interrupted, "device": str(device), "world": ddp.world,
             "model": model, "ema": ema}
 

@@ -7,7 +7,7 @@ of the network, the CLI and the config system::
 """
 
 from .dct import dct2, dct_matrix, idct2
-from .diffusion import Model, denoise_mean_var, diffuse, eps_loss, posterior_coefficients
+from .diffusion import Model, denoise_mean_var, diffuse, eps_loss, gaussian_eps, posterior_coefficients, precondition
 from .sampling import GRIDS, SAMPLERS, Step, default_grid, nfe, randn, sample, time_grid
 from .schedule import BLURS, BlurSchedule
 
@@ -24,6 +24,8 @@ __all__ = [
     "denoise_mean_var",
     "diffuse",
     "eps_loss",
+    "gaussian_eps",
+    "precondition",
     "idct2",
     "nfe",
     "posterior_coefficients",

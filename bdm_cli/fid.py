@@ -1,0 +1,245 @@
+"""FID with pytorch-fid's InceptionV3 (the TF FID weights), streamed, cached, and exact to pytorch-fid.
+
+Images go through the same path as ``python -m pytorch_fid``: decoded by PIL, converted to RGB,
+``ToTensor`` (uint8 / 255), resized to 299 by the network (bilinear), pool3 features; the statistics
+are the mean and the (n - 1)-normalised covariance. The Frechet distance uses a symmetric
+eigendecomposition instead of ``scipy.linalg.sqrtm`` (whose ``disp`` argument scipy 1.18 removed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .data import IMAGE_SUFFIXES, DataError, _image_names
+from .errors import UsageError, UserError
+from .io import atomic_write
+
+__all__ = ["frechet_distance", "FeatureStats", "inception", "stats_of", "ImageSource", "NAMED_REFS", "WEIGHTS_ENV"]
+
+WEIGHTS_ENV = "BDM_INCEPTION_WEIGHTS"
+NAMED_REFS = ("cifar10-train", "cifar10-test")
+DIMS = (64, 192, 768, 2048)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` with ``tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))``:
+    the symmetric form is exact for PSD matrices, rank-deficient ones included, and needs no sqrtm."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise UserError(f"statistics of different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+class FeatureStats:
+    """Streaming mean and covariance of feature rows (float64 sums: memory does not grow with n)."""
+
+    def __init__(self, dims: int):
+        self.n, self.s1, self.s2 = 0, np.zeros(dims), np.zeros((dims, dims))
+
+    def add(self, feats: np.ndarray) -> None:
+        feats = feats.astype(np.float64)
+        self.n += len(feats)
+        self.s1 += feats.sum(0)
+        self.s2 += feats.T @ feats
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise UserError(f"FID needs at least 2 images, got {self.n}")
+        mu = self.s1 / self.n
+        return mu, (self.s2 - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+
+def _weights_path(path: str | Path | None) -> Path | None:
+    path = path or os.environ.get(WEIGHTS_ENV)
+    if not path:
+        return None
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"Inception weights not found: {path}")
+    return path
+
+
+def inception(dims: int = 2048, weights: str | Path | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """pytorch-fid's FID InceptionV3 returning pool features of ``dims``; weights from ``weights``,
+    ``$BDM_INCEPTION_WEIGHTS``, or pytorch-fid's own download into the torch hub cache."""
+    import pytorch_fid.inception as pfi
+
+    if dims not in DIMS:
+        raise UsageError(f"--dims must be one of {', '.join(map(str, DIMS))}, got {dims}")
+    path = _weights_path(weights)
+    original = pfi.load_state_dict_from_url
+    if path is not None:
+        # pytorch-fid fetches its state dict through this one function; hand it the local file instead.
+        pfi.load_state_dict_from_url = lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
+    except (OSError, RuntimeError) as e:  # urllib's errors are OSErrors; a wrong file is a RuntimeError
+        if path is not None:
+            raise UserError(f"cannot load Inception weights from {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            "the FID Inception weights are not available offline: pass --inception-weights PATH or set "
+            f"{WEIGHTS_ENV}=PATH (a pt_inception-2015-12-05 state dict), or put the file where pytorch-fid looks, "
+            "$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth"
+        ) from None
+    finally:
+        pfi.load_state_dict_from_url = original
+    return model.to(device).eval()
+
+
+# -- image sources ----------------------------------------------------------------------------
+
+class ImageSource(torch.utils.data.Dataset):
+    """Images of a folder (recursive) or zip as float [3, H, W] in [0, 1], exactly as pytorch-fid reads them."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.names = _image_names(self.path, "")
+        self._zip = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        name = self.names[i]
+        try:
+            if self.path.is_dir():
+                img = Image.open(self.path / name)
+            else:
+                if self._zip is None:
+                    self._zip = zipfile.ZipFile(self.path)
+                img = Image.open(io.BytesIO(self._zip.read(name)))
+            arr = np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"cannot read {name} in {self.path} ({type(e).__name__}: {e})") from None
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+    def __getstate__(self):
+        return {**self.__dict__, "_zip": None}
+
+    def content_key(self) -> str:
+        """A hash of the images' bytes (zip: names and CRCs), for the statistics cache."""
+        h = hashlib.sha256()
+        if self.path.is_dir():
+            for name in self.names:
+                h.update(name.encode() + b"\0" + (self.path / name).read_bytes())
+        else:
+            with zipfile.ZipFile(self.path) as z:
+                for name in self.names:
+                    h.update(f"{name}\0{z.getinfo(name).CRC}\0".encode())
+        return h.hexdigest()
+
+
+def _collate(batch: list[torch.Tensor]) -> torch.Tensor:
+    """Stack; images of mixed sizes are first resized to 299 as the network would resize each one."""
+    if len({tuple(x.shape) for x in batch}) == 1:
+        return torch.stack(batch)
+    import torch.nn.functional as F
+
+    return torch.cat([F.interpolate(x[None], size=(299, 299), mode="bilinear", align_corners=False) for x in batch])
+
+
+def _cifar10_uint8(split: str) -> torch.Tensor:
+    from torchvision.datasets import CIFAR10
+
+    root = Path(os.environ.get("BDM_DATA_DIR", Path.home() / ".cache" / "bdm"))
+    try:
+        ds = CIFAR10(str(root), train=split == "train", download=True)
+    except Exception as e:
+        raise DataError(f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}); "
+                        "pass a folder or zip instead, e.g. ../shared/data/cifar10-jpeg.zip") from None
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
+
+
+@torch.inference_mode()
+def features(model: torch.nn.Module, batches: Iterable[torch.Tensor], dims: int, device,
+             progress: Callable[[int], None] | None = None) -> FeatureStats:
+    """Stream batches of [B, 3, H, W] images in [0, 1] through the Inception into :class:`FeatureStats`."""
+    import torch.nn.functional as F
+
+    stats = FeatureStats(dims)
+    for x in batches:
+        pred = model(x.to(device))[0]
+        if pred.shape[-1] != 1:
+            pred = F.adaptive_avg_pool2d(pred, (1, 1))
+        stats.add(pred.flatten(1).double().cpu().numpy())
+        if progress:
+            progress(len(x))
+    return stats
+
+
+def _loader(ds, batch_size: int, workers: int) -> Iterator[torch.Tensor]:
+    return iter(torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BDM_CACHE_DIR", Path.home() / ".cache" / "bdm")) / "fid"
+
+
+def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, workers: int | None = None,
+             weights_id: str = "", use_cache: bool = True, progress=None, on_count=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(mu, sigma, n)`` of a folder, zip, ``.npz`` (``mu``, ``sigma``) or named reference; dataset statistics are
+    cached under ``$BDM_CACHE_DIR/fid`` keyed by the images' content, the dims and the weights."""
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    path = Path(source)
+    if source in NAMED_REFS:
+        images = _cifar10_uint8(source.split("-")[1])
+        key = hashlib.sha256(f"{source}:{dims}:{weights_id}".encode()).hexdigest()
+        batches = lambda: iter(images.split(batch_size))  # noqa: E731
+        count = len(images)
+    elif path.suffix == ".npz" and path.is_file():
+        with np.load(path) as f:
+            if "mu" not in f or "sigma" not in f:
+                raise UserError(f"{path} has no 'mu' and 'sigma' arrays")
+            return f["mu"], f["sigma"], int(f["n"]) if "n" in f else -1
+    elif path.exists():
+        ds = ImageSource(path)
+        key = hashlib.sha256(f"{ds.content_key()}:{dims}:{weights_id}".encode()).hexdigest() if use_cache else ""
+        batches = lambda: _loader(ds, batch_size, workers)  # noqa: E731
+        count = len(ds)
+    else:
+        raise UserError(f"not found: {source} (a folder or zip of images, a .npz, or one of {', '.join(NAMED_REFS)})")
+    if on_count:
+        on_count(count)
+    cached = cache_dir() / f"{key}.npz"
+    if use_cache and cached.is_file():
+        with np.load(cached) as f:
+            if progress:
+                progress(count)
+            return f["mu"], f["sigma"], int(f["n"])
+    mu, sigma = (st := features(model, batches(), dims, device, progress)).result()
+    if use_cache:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_stats(cached, mu, sigma, st.n)
+    return mu, sigma, st.n
+
+
+def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int) -> Path:
+    with atomic_write(path) as f:
+        np.savez(f, mu=mu, sigma=sigma, n=n)
+    return Path(path)
+
+
+def small_sample_warning(n: int, dims: int) -> None:
+    if 0 < n < dims:
+        warnings.warn(f"only {n} images for {dims}-d features: the covariance is rank-deficient and FID is biased "
+                      "upward; use at least 2048 (50,000 for numbers comparable with papers)", stacklevel=2)
+
+
+del IMAGE_SUFFIXES

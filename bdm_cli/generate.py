@@ -1,0 +1,90 @@
+"""Sampling from a trained run: reproducible per sample, batched, quantised exactly as a PNG holds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .checkpoint import CHECKPOINT, CheckpointError, checkpoint_config, load_checkpoint
+from .config import Config
+from .engine import Step, sample
+from .errors import UserError
+from .train import _load_weights, denoiser, resolve_device
+from .unet import build_model
+
+__all__ = ["Run", "load_run", "sample_batches", "sample_generators"]
+
+
+@dataclass
+class Run:
+    cfg: Config
+    model: torch.nn.Module  # EMA weights unless asked otherwise
+    stats: dict | None
+    step: int
+    device: torch.device
+
+    def denoiser(self, bf16: bool = False):
+        net = self.model
+        if bf16 and self.device.type == "cuda":
+            def net(z, t, _m=self.model):  # bf16 only inside the network, as in training
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return _m(z, t)
+        return denoiser(net, self.cfg, self.stats)
+
+
+def find_checkpoint(run: Path | None, checkpoint: Path | None) -> Path:
+    """``--checkpoint FILE`` or ``--run DIR``; with neither, the newest ``runs/*/checkpoint.pt``."""
+    if checkpoint is not None:
+        return checkpoint
+    if run is not None:
+        return run / CHECKPOINT if run.is_dir() else run
+    found = sorted(Path("runs").glob(f"*/{CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError("no run given and none found under ./runs: pass --run RUN_DIR or --checkpoint FILE")
+    return found[-1]
+
+
+def load_run(path: Path, *, ema: bool = True, device: str = "auto") -> Run:
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(state)
+    dev = resolve_device(device)
+    model = build_model(cfg)
+    key = "ema" if ema else "model"
+    if key not in state:
+        raise CheckpointError(f"{path} has no {key!r} weights")
+    _load_weights(model, state[key])
+    stats = {k: v.to(dev) for k, v in state.get("data_stats", {}).items()} or None
+    if cfg.model.precondition and not stats:
+        raise CheckpointError(f"{path} was trained with model.precondition but holds no data_stats")
+    return Run(cfg, model.to(dev).eval(), stats, int(state["step"]), dev)
+
+
+def sample_generators(seed: int, indices: range, device: torch.device) -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, index): sample i is the same in any batch (EDM)."""
+    return [torch.Generator(device).manual_seed((seed * 1_000_003 + i) % (2**63)) for i in indices]
+
+
+def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, steps: int | None = None,
+                   sampler: str | None = None, grid: str | None = None, bf16: bool = False,
+                   callback: Callable[[int, Step], None] | None = None, clip_denoised: bool = True,
+                   clamp: bool = True) -> Iterator[torch.Tensor]:
+    """Yield batches of samples (float, on the CPU, clamped to [-1, 1] unless ``clamp=False``) for indices 0..n-1.
+
+    ``callback(first_index, step)`` is called after every sampler step.
+    """
+    cfg = run.cfg
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    eps = run.denoiser(bf16)
+    schedule = cfg.diffusion.schedule()
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        gens = sample_generators(seed, idx, run.device)
+        noise = torch.stack([torch.randn(shape, generator=g, device=run.device) for g in gens])
+        x = sample(eps, noise, schedule, steps or cfg.sample.steps, sampler=sampler or cfg.sample.sampler,
+                   grid=grid or cfg.sample.grid or None, generator=gens,
+                   callback=(lambda st, s0=start: callback(s0, st)) if callback else None, clip_denoised=clip_denoised)
+        yield (x.float().clamp(-1, 1) if clamp else x.float()).cpu()
+
