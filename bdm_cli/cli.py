@@ -35,6 +35,10 @@ def user_errors():
     except UserError as e:
         console.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:  # the environment, not a bug: disk full, permissions, a vanished file
+        console.print(f"[bold red]Error:[/] {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/]")
         raise typer.Exit(130) from None
@@ -222,11 +226,18 @@ def train_cmd(
         with _train_progress(cfg.train.steps, enabled=main) as progress:
             result = train(cfg, run_dir, resume=resume is not None, progress=progress)
         if main:
-            how = "Interrupted; checkpoint saved" if result["interrupted"] else "Done"
+            how = f"Stopped by {result['stopped_by']}; checkpoint saved" if result["interrupted"] else "Done"
             out.print(f"{how} at step {result['step']} (loss {result['loss']:.4f}): {run_dir / CHECKPOINT}"
                       + (f"; resume with: bdm train --resume {run_dir}" if result["interrupted"] else ""), highlight=False)
+            for what in ("skipped_batches", "skipped_images"):
+                if result[what]:
+                    console.print(f"[yellow]Warning:[/] {result[what]} {what.replace('_', ' ')} (non-finite loss or unreadable files)",
+                                  highlight=False)
+        if result["interrupted"]:  # a scheduler must not mistake an interrupted run for a finished one
+            raise typer.Exit(130 if result["stopped_by"] == "SIGINT" else 143)
 
 
+GRID_MAX = 1024  # samples shown in one grid PNG
 RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the newest under ./runs).")]
 CkptOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file instead of --run.")]
 
@@ -297,11 +308,11 @@ def sample_cmd(
                 if out_dir is not None:
                     for j, img in enumerate(x):
                         save_png(img, out_dir / f"{b * batch_size + j:06d}.png")
-                if grid_path is not None:
-                    images.append(x)
+                if grid_path is not None and sum(map(len, images)) < GRID_MAX:
+                    images.append(x[: GRID_MAX - sum(map(len, images))].clone())  # memory stays flat for any --n
         if grid_path is not None:
             save_png(make_grid(torch.cat(images)), grid_path)
-            out.print(f"Wrote {grid_path}", highlight=False)
+            out.print(f"Wrote {grid_path}" + (f" (the first {GRID_MAX} samples)" if n > GRID_MAX else ""), highlight=False)
         if out_dir is not None:
             out.print(f"Wrote {n} PNGs to {out_dir}", highlight=False)
         if trajectory is not None and snaps:
@@ -312,7 +323,7 @@ def sample_cmd(
 
 @app.command("fid")
 def fid_cmd(
-    a: Annotated[Optional[str], typer.Argument(help="Folder or zip of images, .npz with mu/sigma, or cifar10-train / cifar10-test.")] = None,
+    a: Annotated[Optional[str], typer.Argument(help="Folder or zip of images, .npz with mu/sigma, or cifar10-train / cifar10-test / digits.")] = None,
     b: Annotated[Optional[str], typer.Argument(help="The second input (omit with --save-stats or --run).")] = None,
     run: RunOpt = None,
     checkpoint: CkptOpt = None,
@@ -356,6 +367,9 @@ def fid_cmd(
             raise UsageError("give two inputs (bdm fid A B), one input with --save-stats, or --run with --ref")
         if save_stats is not None:
             check_writable(save_stats)
+        for source in (a, b, ref):
+            if source is not None:
+                fid.check_input(source)
         model = fid.inception(dims, inception_weights, dev)
         weights_id = str(inception_weights or os.environ.get(fid.WEIGHTS_ENV, "pytorch-fid"))
         opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, weights_id=weights_id, use_cache=not no_cache)

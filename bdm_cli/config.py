@@ -82,6 +82,7 @@ class TrainConfig:
     checkpoint_every: int = 10_000
     device: str = "auto"
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    skip_nonfinite: bool = False  # skip (and count) batches whose loss is NaN/inf instead of stopping
 
 
 @dataclass(frozen=True)

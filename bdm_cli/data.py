@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["DataError", "IMAGE_SUFFIXES", "load_image", "preprocess"]
+__all__ = ["DataError", "IMAGE_SUFFIXES", "load_image", "preprocess", "make_dataset", "collate_valid"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_PIXELS = 20_000 * 20_000  # far above any photo; refuses decompression bombs
@@ -26,9 +27,11 @@ def preprocess(img, resolution: int, channels: int = 3) -> torch.Tensor:
 
     # draft() lets JPEG decode at a reduced scale: huge photos never decode at full size.
     img.draft("L" if channels == 1 else "RGB", (resolution, resolution))
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I"):
+        # 16-bit: 0..65535 maps to 0..255 (65535 / 257 = 255); 32-bit 'I' holding 8-bit values stays as is.
         arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((arr * (255.0 / max(arr.max(), 1.0)) if arr.max() > 255 else arr).astype(np.uint8))
+        scale = 257.0 if img.mode.startswith("I;16") or arr.max() > 255 else 1.0
+        img = Image.fromarray(np.clip(np.round(arr / scale), 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "P", "PA"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -39,7 +42,9 @@ def preprocess(img, resolution: int, channels: int = 3) -> torch.Tensor:
     left, top = (w - side) // 2, (h - side) // 2
     img = img.crop((left, top, left + side, top + side))
     if side != resolution:
-        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC if side < resolution else Image.Resampling.LANCZOS)
+        # reducing_gap: big images are first shrunk by an integer factor, so time and memory stay bounded.
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC if side < resolution else Image.Resampling.LANCZOS,
+                         reducing_gap=3.0)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -64,6 +69,14 @@ def load_image(path: Path | str, resolution: int, channels: int = 3) -> torch.Te
 
 
 # -- datasets -------------------------------------------------------------------------
+
+def collate_valid(batch: list[torch.Tensor | None]) -> torch.Tensor:
+    """Stack the images of a batch, leaving out the ones that could not be decoded (None)."""
+    kept = [x for x in batch if x is not None]
+    if not kept:
+        return torch.empty(0)
+    return torch.stack(kept)
+
 
 class TensorImages(torch.utils.data.Dataset):
     """Images already in memory, [N, C, R, R] in [-1, 1] (the bundled digits)."""
@@ -98,7 +111,8 @@ class FileImages(torch.utils.data.Dataset):
             self._zip = zipfile.ZipFile(self.source)
         return io.BytesIO(self._zip.read(name))
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        """The image, or None (with a warning) if it cannot be decoded: a corrupt file is skipped, never fatal."""
         from PIL import Image
 
         name = self.names[i]
@@ -106,7 +120,8 @@ class FileImages(torch.utils.data.Dataset):
             with self._open(name) as f, Image.open(f) as img:
                 return preprocess(img, self.resolution, self.channels)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"cannot read {name} in {self.source} ({type(e).__name__}: {e})") from None
+            warnings.warn(f"skipping unreadable image {name} in {self.source} ({type(e).__name__}: {e})", stacklevel=1)
+            return None
 
     def __getstate__(self):
         return {**self.__dict__, "_zip": None}  # zip handles do not cross process boundaries

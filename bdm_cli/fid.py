@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import warnings
 import zipfile
 from pathlib import Path
@@ -19,14 +20,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .data import IMAGE_SUFFIXES, DataError, _image_names
+from .data import DataError, _image_names
 from .errors import UsageError, UserError
 from .io import atomic_write
 
 __all__ = ["frechet_distance", "FeatureStats", "inception", "stats_of", "ImageSource", "NAMED_REFS", "WEIGHTS_ENV"]
 
 WEIGHTS_ENV = "BDM_INCEPTION_WEIGHTS"
-NAMED_REFS = ("cifar10-train", "cifar10-test")
+NAMED_REFS = ("cifar10-train", "cifar10-test", "digits")
 DIMS = (64, 192, 768, 2048)
 
 
@@ -88,7 +89,7 @@ def inception(dims: int = 2048, weights: str | Path | None = None, device: str |
         pfi.load_state_dict_from_url = lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True)
     try:
         model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
-    except (OSError, RuntimeError) as e:  # urllib's errors are OSErrors; a wrong file is a RuntimeError
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:  # urllib's errors are OSErrors; a wrong file is a RuntimeError
         if path is not None:
             raise UserError(f"cannot load Inception weights from {path}: {str(e).splitlines()[0]}") from None
         raise UserError(
@@ -114,7 +115,8 @@ class ImageSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        """The image in [0, 1], or None (with a warning) if it cannot be decoded."""
         from PIL import Image
 
         name = self.names[i]
@@ -127,7 +129,8 @@ class ImageSource(torch.utils.data.Dataset):
                 img = Image.open(io.BytesIO(self._zip.read(name)))
             arr = np.asarray(img.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"cannot read {name} in {self.path} ({type(e).__name__}: {e})") from None
+            warnings.warn(f"skipping unreadable image {name} in {self.path} ({type(e).__name__}: {e})", stacklevel=1)
+            return None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
     def __getstate__(self):
@@ -146,8 +149,12 @@ class ImageSource(torch.utils.data.Dataset):
         return h.hexdigest()
 
 
-def _collate(batch: list[torch.Tensor]) -> torch.Tensor:
-    """Stack; images of mixed sizes are first resized to 299 as the network would resize each one."""
+def _collate(batch: list[torch.Tensor | None]) -> torch.Tensor:
+    """Stack (unreadable images left out); images of mixed sizes are first resized to 299 as the network
+    would resize each one."""
+    batch = [x for x in batch if x is not None]
+    if not batch:
+        return torch.empty(0, 3, 299, 299)
     if len({tuple(x.shape) for x in batch}) == 1:
         return torch.stack(batch)
     import torch.nn.functional as F
@@ -167,6 +174,14 @@ def _cifar10_uint8(split: str) -> torch.Tensor:
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
 
 
+def _digits_uint8() -> torch.Tensor:
+    """The bundled digits as the ``digits`` preset trains on them (16x16), quantised to uint8, as RGB."""
+    from .data import load_digits
+    from .io import to_uint8
+
+    return (to_uint8(load_digits(16, 1)).float() / 255.0).expand(-1, 3, -1, -1)
+
+
 @torch.inference_mode()
 def features(model: torch.nn.Module, batches: Iterable[torch.Tensor], dims: int, device,
              progress: Callable[[int], None] | None = None) -> FeatureStats:
@@ -175,6 +190,8 @@ def features(model: torch.nn.Module, batches: Iterable[torch.Tensor], dims: int,
 
     stats = FeatureStats(dims)
     for x in batches:
+        if len(x) == 0:
+            continue
         pred = model(x.to(device))[0]
         if pred.shape[-1] != 1:
             pred = F.adaptive_avg_pool2d(pred, (1, 1))
@@ -194,12 +211,13 @@ def cache_dir() -> Path:
 
 def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, workers: int | None = None,
              weights_id: str = "", use_cache: bool = True, progress=None, on_count=None) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(mu, sigma, n)`` of a folder, zip, ``.npz`` (``mu``, ``sigma``) or named reference; dataset statistics are
+    """``(mu, sigma, n)`` of a folder, zip, ``.npz`` (``mu``, ``sigma``) or named reference (``cifar10-train``,
+    ``cifar10-test`` through torchvision, ``digits`` as the digits preset sees them); dataset statistics are
     cached under ``$BDM_CACHE_DIR/fid`` keyed by the images' content, the dims and the weights."""
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     path = Path(source)
     if source in NAMED_REFS:
-        images = _cifar10_uint8(source.split("-")[1])
+        images = _digits_uint8() if source == "digits" else _cifar10_uint8(source.split("-")[1])
         key = hashlib.sha256(f"{source}:{dims}:{weights_id}".encode()).hexdigest()
         batches = lambda: iter(images.split(batch_size))  # noqa: E731
         count = len(images)
@@ -230,6 +248,12 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
     return mu, sigma, st.n
 
 
+def check_input(source: str) -> None:
+    """Fail before the Inception loads if an input is neither a named reference nor an existing path."""
+    if source not in NAMED_REFS and not Path(source).exists():
+        raise UserError(f"not found: {source} (a folder or zip of images, a .npz, or one of {', '.join(NAMED_REFS)})")
+
+
 def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int) -> Path:
     with atomic_write(path) as f:
         np.savez(f, mu=mu, sigma=sigma, n=n)
@@ -241,5 +265,3 @@ def small_sample_warning(n: int, dims: int) -> None:
         warnings.warn(f"only {n} images for {dims}-d features: the covariance is rank-deficient and FID is biased "
                       "upward; use at least 2048 (50,000 for numbers comparable with papers)", stacklevel=2)
 
-
-del IMAGE_SUFFIXES

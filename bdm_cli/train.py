@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, write_config
 from .config import Config, to_dict
-from .data import make_dataset
+from .data import collate_valid, make_dataset
 from .engine import dct2, eps_loss, precondition, sample
 from .errors import UserError
 from .io import make_grid, save_png
@@ -132,13 +132,16 @@ def _main_thread() -> bool:
 def data_stats(data, max_images: int = 10_000, batch: int = 500) -> dict[str, torch.Tensor]:
     """Per-frequency mean and variance of ``DCT(x)`` over (up to ``max_images`` of) the data, float32 [C, H, W]."""
     idx = torch.linspace(0, len(data) - 1, min(len(data), max_images)).long().tolist()
-    s1 = s2 = None
+    n, s1, s2 = 0, 0.0, 0.0
     for i in range(0, len(idx), batch):
-        u = dct2(torch.stack([data[j] for j in idx[i : i + batch]]).double())
-        s1 = u.sum(0) if s1 is None else s1 + u.sum(0)
-        s2 = (u**2).sum(0) if s2 is None else s2 + (u**2).sum(0)
-    mean = s1 / len(idx)
-    return {"mean_u": mean.float(), "var_u": (s2 / len(idx) - mean**2).clamp(min=1e-8).float()}
+        x = collate_valid([data[j] for j in idx[i : i + batch]])
+        if len(x):
+            u = dct2(x.double())
+            n, s1, s2 = n + len(u), s1 + u.sum(0), s2 + (u**2).sum(0)
+    if n == 0:
+        raise UserError("none of the dataset's images could be read")
+    mean = s1 / n
+    return {"mean_u": mean.float(), "var_u": (s2 / n - mean**2).clamp(min=1e-8).float()}
 
 
 def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0, stats: dict | None = None) -> torch.Tensor:
@@ -209,7 +212,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     eps_model = denoiser(network, cfg, stats)
     batches = StepBatches(len(data), tc.batch_size, tc.seed, step, tc.steps, ddp.rank, ddp.world)
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.data.num_workers, pin_memory=cuda,
-                                         generator=torch.Generator())  # keeps the global RNG untouched
+                                         collate_fn=collate_valid, generator=torch.Generator())  # keeps the global RNG untouched
     if ddp.main:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
@@ -230,11 +233,15 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
                                                    "step": step, "config": to_dict(cfg), "rng": rng,
                                                    "data_stats": {k: v.cpu() for k, v in stats.items()} if stats else {}})
 
-    loss_sum, loss_n, last_loss, interrupted = torch.zeros((), device=device), 0, math.nan, False
+    loss_sum, loss_n, last_loss, stopped_by = torch.zeros((), device=device), 0, math.nan, None
+    skipped_batches = skipped_images = 0
     tick, tick_step = time.perf_counter(), step
     try:
         with _Stop() as stop:
             for x in loader:
+                skipped_images += tc.batch_size // ddp.world - len(x)  # undecodable files (warned by the dataset)
+                if len(x) == 0:
+                    continue
                 x = x.to(device, non_blocking=True)
                 b = x.shape[0]
                 if cfg.data.hflip:
@@ -246,6 +253,13 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, tc.lr, tc.warmup)
                 loss = eps_loss(eps_model, x, t, noise, schedule)
+                if not _all_finite(loss, ddp):  # checked before the update, so no NaN reaches the weights
+                    if not tc.skip_nonfinite:
+                        raise UserError(f"the loss is {loss.item()} at step {step + 1}; stopped, the last checkpoint is kept "
+                                        "(--set train.skip_nonfinite=true skips such batches)")
+                    skipped_batches += 1
+                    step += 1
+                    continue
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip > 0:
@@ -255,14 +269,13 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
                 step += 1
                 loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
                 if _every(step, tc.log_every) or step == tc.steps:
-                    last_loss = (loss_sum / loss_n).item()  # one host sync per log interval
-                    if not math.isfinite(last_loss):
-                        raise UserError(f"the loss became {last_loss} by step {step}; stopped, the last checkpoint is kept")
+                    last_loss = (loss_sum / max(loss_n, 1)).item()
                     now = time.perf_counter()
                     ips = (step - tick_step) * tc.batch_size / max(now - tick, 1e-9)
                     tick, tick_step, loss_sum, loss_n = now, step, torch.zeros((), device=device), 0
                     if ddp.main:
-                        _log(run_dir, writer, {"step": step, "loss": last_loss, "lr": opt.param_groups[0]["lr"], "images_per_s": ips})
+                        _log(run_dir, writer, {"step": step, "loss": last_loss, "lr": opt.param_groups[0]["lr"], "images_per_s": ips,
+                                               "skipped_batches": skipped_batches, "skipped_images": skipped_images})
                         if progress:
                             progress({"step": step, "steps": tc.steps, "loss": last_loss, "images_per_s": ips})
                 elif ddp.main and progress:
@@ -272,17 +285,26 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
                 if _every(step, tc.checkpoint_every):
                     checkpoint()
                 if stop.requested:
-                    interrupted = True
+                    stopped_by = "SIGTERM"
                     break
     except KeyboardInterrupt:
-        interrupted = True
+        stopped_by = "SIGINT"
     checkpoint()
     if writer:
         writer.close()
-    if ddp.main and not interrupted and step >= tc.steps and tc.steps > 0:
+    if ddp.main and stopped_by is None and step >= tc.steps and tc.steps > 0:
         save_png(final_grid(ema, cfg, device, stats=stats), run_dir / "samples" / "final.png")
-    return {"step": step, "loss": last_loss, "interrupted": interrupted, "device": str(device), "world": ddp.world,
+    return {"step": step, "loss": last_loss, "interrupted": stopped_by is not None, "stopped_by": stopped_by,
+            "skipped_batches": skipped_batches, "skipped_images": skipped_images, "device": str(device), "world": ddp.world,
             "model": model, "ema": ema}
+
+
+def _all_finite(loss: torch.Tensor, ddp: Dist) -> bool:
+    """Whether the loss is finite on every rank (ranks must agree to skip a step together)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if ddp.world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def _load_weights(model: torch.nn.Module, state: dict) -> None:

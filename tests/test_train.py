@@ -57,7 +57,7 @@ def test_unet_non_square_and_zero_init_output():
 
 
 def test_training_lowers_the_loss(tmp_path):
-    cfg = load_config("tiny", ["train.steps=60", "train.log_every=20", "train.lr=2e-3"])
+    cfg = load_config("tiny", ["train.steps=60", "train.log_every=20", "train.lr=2e-3", "model.precondition=false"])
     losses = []
     train(cfg, tmp_path, progress=lambda d: losses.append(d["loss"]) if "loss" in d else None)
     assert len(losses) == 3 and losses[-1] < losses[0] * 0.8, losses
