@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BDM    := $(VENV)/bin/bdm
 OUT    ?= demo_out
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Benchmarks (issue #5): writes docs/benchmarks.md; QUICK=1 for a ~10-minute subset.
+bench: install
+	$(PY) bench/run.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

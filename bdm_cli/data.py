@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -96,19 +99,17 @@ class FileImages(torch.utils.data.Dataset):
 
     def __init__(self, source: Path, names: list[str], resolution: int, channels: int):
         self.source, self.names, self.resolution, self.channels = source, names, resolution, channels
-        self._zip = None  # opened lazily, once per worker process
+        self._zip, self._pid = None, None  # opened lazily, once per process
 
     def __len__(self) -> int:
         return len(self.names)
 
     def _open(self, name: str):
-        import io
-        import zipfile
-
         if self.source.is_dir():
             return open(self.source / name, "rb")
-        if self._zip is None:
-            self._zip = zipfile.ZipFile(self.source)
+        if self._zip is None or self._pid != os.getpid():
+            # A forked DataLoader worker must not share the parent's handle: the file offset is shared too.
+            self._zip, self._pid = zipfile.ZipFile(self.source), os.getpid()
         return io.BytesIO(self._zip.read(name))
 
     def __getitem__(self, i: int) -> torch.Tensor | None:
@@ -119,12 +120,12 @@ class FileImages(torch.utils.data.Dataset):
         try:
             with self._open(name) as f, Image.open(f) as img:
                 return preprocess(img, self.resolution, self.channels)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile) as e:
             warnings.warn(f"skipping unreadable image {name} in {self.source} ({type(e).__name__}: {e})", stacklevel=1)
             return None
 
     def __getstate__(self):
-        return {**self.__dict__, "_zip": None}  # zip handles do not cross process boundaries
+        return {**self.__dict__, "_zip": None, "_pid": None}  # zip handles do not cross process boundaries
 
 
 def _image_names(source: Path, split: str) -> list[str]:

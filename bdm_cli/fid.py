@@ -110,7 +110,7 @@ class ImageSource(torch.utils.data.Dataset):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.names = _image_names(self.path, "")
-        self._zip = None
+        self._zip, self._pid = None, None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -124,17 +124,17 @@ class ImageSource(torch.utils.data.Dataset):
             if self.path.is_dir():
                 img = Image.open(self.path / name)
             else:
-                if self._zip is None:
-                    self._zip = zipfile.ZipFile(self.path)
+                if self._zip is None or self._pid != os.getpid():  # never share a handle with a forked worker
+                    self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
                 img = Image.open(io.BytesIO(self._zip.read(name)))
             arr = np.asarray(img.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as e:
             warnings.warn(f"skipping unreadable image {name} in {self.path} ({type(e).__name__}: {e})", stacklevel=1)
             return None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
     def __getstate__(self):
-        return {**self.__dict__, "_zip": None}
+        return {**self.__dict__, "_zip": None, "_pid": None}
 
     def content_key(self) -> str:
         """A hash of the images' bytes (zip: names and CRCs), for the statistics cache."""

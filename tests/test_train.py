@@ -129,7 +129,7 @@ def _write_images(folder, n=6, size=(20, 14), mode="RGB"):
         Image.fromarray(arr).convert(mode).save(folder / f"{i}.png")
 
 
-def test_folder_and_zip_datasets(tmp_path):
+def test_folder_and_zip_datasets(tmp_path, monkeypatch):
     _write_images(tmp_path / "imgs" / "train" / "a", 5)
     _write_images(tmp_path / "imgs" / "test", 3, mode="L")
     folder = make_dataset(str(tmp_path / "imgs"), 8, 3, "train")
@@ -141,8 +141,16 @@ def test_folder_and_zip_datasets(tmp_path):
             z.write(p, "root/" + p.relative_to(tmp_path / "imgs").as_posix())
     zipped = make_dataset(str(zpath), 8, 1, "test")
     assert len(zipped) == 3 and zipped[0].shape == (1, 8, 8)
-    loader = torch.utils.data.DataLoader(zipped, batch_size=3, num_workers=2)
-    assert next(iter(loader)).shape == (3, 1, 8, 8)
+    first = zipped[0]  # the parent opens the zip before the workers fork
+    loader = torch.utils.data.DataLoader(zipped, batch_size=1, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == 3 and torch.equal(batches[0][0], first)
+    assert all(torch.equal(b[0], zipped[i]) for i, b in enumerate(batches))
+    # A forked worker (another pid) must open its own handle: a shared one shares the file offset,
+    # and concurrent reads then return the wrong member (seen: BadZipFile on the CIFAR-10 zip).
+    parent_handle = zipped._zip
+    monkeypatch.setattr(os, "getpid", lambda: -12345)
+    assert torch.equal(zipped[0], first) and zipped._zip is not parent_handle
 
 
 def test_shared_cifar10_zip_loads():

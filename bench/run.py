@@ -1,0 +1,219 @@
+"""Benchmarks of bdm on this machine; writes docs/benchmarks.md.
+
+    python bench/run.py            # everything measured here
+    python bench/run.py --quick    # a ~10-minute subset
+
+Every speed figure is a ratio measured in one run: A and B alternate several times and the
+medians are compared, because these machines are noisy. Measured so far: blur overhead in
+training (item 1), sampler overhead (2), FID speed and agreement with pytorch-fid (4) and
+peak memory (7) of issue #5; the peer comparisons (3, 6) and the FID-vs-steps study (5)
+need a trained cifar10_cpu model and the peer libraries and are not run by this script yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bdm_cli.config import load_config  # noqa: E402
+from bdm_cli.engine import BlurSchedule, eps_loss, sample  # noqa: E402
+from bdm_cli.unet import build_model, count_parameters  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+
+
+def alternate(fns: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each callable, run in turns (A B A B ...) so that drift hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def blur_overhead(batch: int, rounds: int) -> dict:
+    """Item 1: training step time with sigma_blur_max 20 over 0, same UNet, batch and data."""
+    cfg = load_config("cifar10_cpu")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x, t, noise = torch.rand(batch, 3, 32, 32) * 2 - 1, torch.rand(batch), torch.randn(batch, 3, 32, 32)
+
+    def step(schedule):
+        def run():
+            loss = eps_loss(model, x, t, noise, schedule)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return run
+
+    fns = {"blur 20": step(BlurSchedule(20.0)), "no blur": step(BlurSchedule(0.0))}
+    alternate(fns, 1)  # warm-up
+    med = alternate(fns, rounds)
+    return {"batch": batch, "params": count_parameters(model), **med, "ratio": med["blur 20"] / med["no blur"]}
+
+
+def sampler_overhead(batch: int, steps: int, rounds: int) -> dict:
+    """Item 2: share of ancestral sampling time spent outside the network."""
+    cfg = load_config("cifar10_cpu")
+    model = build_model(cfg).eval()
+    schedule = cfg.diffusion.schedule()
+    noise = torch.randn(batch, 3, 32, 32)
+    t = torch.rand(batch)
+
+    @torch.no_grad()
+    def network_only():
+        for _ in range(steps):
+            model(noise, t)
+
+    def full():
+        sample(model, noise, schedule, steps, generator=torch.Generator().manual_seed(0))
+
+    med = alternate({"sampler": full, "network alone": network_only}, rounds)
+    return {"batch": batch, "steps": steps, **med, "outside": 1 - med["network alone"] / med["sampler"]}
+
+
+def fid_speed(n: int, rounds: int, workdir: Path) -> dict | None:
+    """Item 4: `bdm fid` against `python -m pytorch_fid` on the same n images and weights."""
+    zpath, weights = SHARED / "data/cifar10-jpeg.zip", SHARED / "fid/pt_inception-2015-12-05.pth"
+    if not zpath.exists() or not weights.exists():
+        return None
+    dirs = []
+    with zipfile.ZipFile(zpath) as z:
+        names = sorted(x for x in z.namelist() if x.endswith(".jpg"))
+        for split in ("train/", "test/"):
+            d = workdir / split.strip("/")
+            d.mkdir(parents=True, exist_ok=True)
+            chosen = [x for x in names if x.startswith(split)]
+            for i, name in enumerate(chosen[:: max(1, len(chosen) // n)][:n]):
+                (d / f"{i:05d}.jpg").write_bytes(z.read(name))
+            dirs.append(d)
+    hub = workdir / "torch/hub/checkpoints"
+    hub.mkdir(parents=True, exist_ok=True)
+    link = hub / "pt_inception-2015-12-05-6726825d.pth"
+    if not link.exists():
+        link.symlink_to(weights)
+    env = {**os.environ, "TORCH_HOME": str(workdir / "torch"), "BDM_CACHE_DIR": str(workdir / "cache")}
+    out = {}
+
+    def run(cmd, key):
+        def go():
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            out[key] = float(proc.stdout.split("FID:")[1].split()[0])
+        return go
+
+    ours = [sys.executable, "-m", "bdm_cli", "fid", *map(str, dirs), "--inception-weights", str(weights), "--device", "cpu", "--no-cache"]
+    theirs = [sys.executable, "-m", "pytorch_fid", *map(str, dirs), "--device", "cpu"]
+    med = alternate({"bdm fid": run(ours, "bdm"), "pytorch_fid": run(theirs, "pytorch_fid")}, rounds)
+    return {"n": n, **med, "speedup": med["pytorch_fid"] / med["bdm fid"], "fid_bdm": out["bdm"], "fid_pytorch_fid": out["pytorch_fid"]}
+
+
+def peak_rss(args: list[str]) -> float:
+    """Peak resident memory (MB) of a bdm command run as a child process."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run([sys.executable, "-m", "bdm_cli", *args], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(after, before) / 1024
+
+
+def memory(workdir: Path, quick: bool) -> dict:
+    """Item 7: peak RSS of training cifar10_cpu (batch 64) and of sampling 1,000 images."""
+    run = workdir / "mem_run"
+    data = SHARED / "data/cifar10-jpeg.zip"
+    train = peak_rss(["train", "--preset", "cifar10_cpu", "--data", str(data) if data.exists() else "digits",
+                      "--set", "data.channels=3", "--out", str(run), "--steps", "3", "--batch-size", "64",
+                      "--set", "train.sample_every=0", "--set", "sample.steps=1", "--set", "sample.n=1"])
+    n = 200 if quick else 1000
+    samp = peak_rss(["sample", "--run", str(run), "--n", str(n), "--batch-size", "100", "--steps", "2", "--sampler", "ddim",
+                     "--out-dir", str(workdir / "mem_samples")])
+    return {"train_mb": train, "sample_mb": samp, "sample_n": n}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+
+
+def report(results: dict, quick: bool) -> str:
+    lines = ["# Benchmarks", "", f"Measured {datetime.date.today()} on {machine()}.",
+             f"Reproduce: `make bench{' QUICK=1' if quick else ''}` (`python bench/run.py{' --quick' if quick else ''}`).",
+             "Every ratio is measured in one run, A and B alternating; the times are medians.", ""]
+    b = results["blur"]
+    lines += ["## 1. Blur overhead in training", "",
+              f"cifar10_cpu UNet ({b['params'] / 1e6:.2f}M parameters), batch {b['batch']}, one Adam step.", "",
+              "| sigma_blur_max 20 | sigma_blur_max 0 | ratio | goal |", "|---|---|---|---|",
+              f"| {b['blur 20']:.3f} s | {b['no blur']:.3f} s | {b['ratio']:.3f} | <= 1.02 |", ""]
+    s = results["sampler"]
+    lines += ["## 2. Sampler overhead", "",
+              f"Ancestral sampling, {s['steps']} steps, batch {s['batch']}, against the same {s['steps']} network calls alone.", "",
+              "| sampler | network alone | share outside the network | goal |", "|---|---|---|---|",
+              f"| {s['sampler']:.2f} s | {s['network alone']:.2f} s | {100 * s['outside']:.1f}% | <= 3% |", ""]
+    f = results.get("fid")
+    lines += ["## 4. FID speed and agreement", ""]
+    if f:
+        lines += [f"{f['n']} + {f['n']} CIFAR-10 images (train vs test split of the shared JPEG copy), same weights.", "",
+                  "| bdm fid | python -m pytorch_fid | speed-up | FID bdm | FID pytorch-fid | goal |", "|---|---|---|---|---|---|",
+                  f"| {f['bdm fid']:.1f} s | {f['pytorch_fid']:.1f} s | {f['speedup']:.2f}x | {f['fid_bdm']:.4f} | "
+                  f"{f['fid_pytorch_fid']:.4f} | >= 1.3x, equal to 1e-3 |", ""]
+    else:
+        lines += ["Not measured: ../shared (CIFAR-10 zip and FID weights) is not beside this checkout.", ""]
+    m = results["memory"]
+    lines += ["## 7. Memory", "", "| what | peak RSS |", "|---|---|",
+              f"| training cifar10_cpu, batch 64 | {m['train_mb']:.0f} MB |",
+              f"| sampling {m['sample_n']} images (batches of 100) | {m['sample_mb']:.0f} MB |", ""]
+    lines += ["## Not measured yet", "",
+              "Items 3 (throughput against denoising-diffusion-pytorch and diffusers), 5 (FID against sampling steps) "
+              "and 6 (blur against no blur at equal compute) need the peer libraries in a separate bench environment "
+              "and hour-long cifar10_cpu trainings; this script does not run them yet.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a ~10-minute subset")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = parser.parse_args()
+    q = args.quick
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        print("1. blur overhead", flush=True)
+        results["blur"] = blur_overhead(batch=32 if q else 64, rounds=5 if q else 11)
+        print("2. sampler overhead", flush=True)
+        results["sampler"] = sampler_overhead(batch=16, steps=100 if q else 1000, rounds=3 if q else 5)
+        print("4. FID speed", flush=True)
+        results["fid"] = fid_speed(n=250 if q else 5000, rounds=1 if q else 3, workdir=work / "fid")
+        print("7. memory", flush=True)
+        results["memory"] = memory(work, q)
+    from bdm_cli.io import atomic_write
+
+    with atomic_write(args.out, "w") as f:
+        f.write(report(results, q))
+    print(f"Wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
