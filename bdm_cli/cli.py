@@ -131,7 +131,7 @@ def blur_preview_cmd(
         check_writable(out_path)
         x = load_image(image, resolution, cfg.data.channels)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-        rows = blur_strip(x, cfg.diffusion.schedule(), ts, noise, with_noise=not no_noise)
+        rows = blur_strip(x, cfg.diffusion, ts, noise, with_noise=not no_noise)
         save_strip(rows, ["original"] + [f"t={v:g}" for v in ts], out_path)
         d = cfg.diffusion
         out.print(f"Wrote {out_path} ({resolution}x{resolution}, sigma_blur_max={d.sigma_blur_max:g}, blur={d.blur}); "
@@ -160,7 +160,7 @@ def schedule_plot_cmd(
         if fmt not in ("png", "svg"):
             raise UsageError(f"--format must be png or svg, got {fmt!r}")
         cfg = _diffusion_config(preset, sets, sigma_blur_max, blur)
-        schedule = cfg.diffusion.schedule()
+        schedule = cfg.diffusion
         schedules = [schedule]
         if compare:
             try:

@@ -78,7 +78,7 @@ def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, st
     cfg = run.cfg
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     eps = run.denoiser(bf16)
-    schedule = cfg.diffusion.schedule()
+    schedule = cfg.diffusion
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))
         gens = sample_generators(seed, idx, run.device)

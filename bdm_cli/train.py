@@ -148,7 +148,7 @@ def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0, 
     """An EMA sample grid with the engine's sampler at ``sample.preview_steps`` (same noise every time)."""
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(n, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, generator=g, device=device)
-    x = sample(denoiser(ema, cfg, stats), noise, cfg.diffusion.schedule(), cfg.sample.preview_steps,
+    x = sample(denoiser(ema, cfg, stats), noise, cfg.diffusion, cfg.sample.preview_steps,
                sampler=cfg.sample.sampler, grid=cfg.sample.grid or None, generator=g)
     return make_grid(x.clamp(-1, 1).float().cpu())
 
@@ -157,7 +157,7 @@ def denoiser(net, cfg: Config, stats: dict | None):
     """The eps predictor the engine trains and samples: the network, preconditioned when the config says so."""
     if not (cfg.model.precondition and stats):
         return net
-    return precondition(net, cfg.diffusion.schedule(), stats["mean_u"], stats["var_u"])
+    return precondition(net, cfg.diffusion, stats["mean_u"], stats["var_u"])
 
 
 def final_grid(ema, cfg: Config, device: torch.device, seed: int = 0, stats: dict | None = None) -> torch.Tensor:
@@ -205,7 +205,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
             return net(z, t)
 
-    schedule = cfg.diffusion.schedule()
+    schedule = cfg.diffusion
     data = make_dataset(cfg.data.dataset, cfg.data.resolution, cfg.data.channels, cfg.data.split)
     stats = (state.get("data_stats") if resume else None) or (data_stats(data) if cfg.model.precondition else None)
     stats = {k: v.to(device) for k, v in stats.items()} if stats else None

@@ -73,7 +73,7 @@ def sampler_overhead(batch: int, steps: int, rounds: int) -> dict:
     """Item 2: share of ancestral sampling time spent outside the network."""
     cfg = load_config("cifar10_cpu")
     model = build_model(cfg).eval()
-    schedule = cfg.diffusion.schedule()
+    schedule = cfg.diffusion
     noise = torch.randn(batch, 3, 32, 32)
     t = torch.rand(batch)
 

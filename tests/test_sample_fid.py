@@ -87,7 +87,7 @@ def test_sample_rejects_non_checkpoint(tmp_path):
 def test_oracle_through_the_sampling_path():
     """sample_batches (the CLI's path: per-sample generators, batching) on the exact Gaussian oracle."""
     cfg = load_config("tiny", ["diffusion.sigma_blur_max=20", "model.precondition=false", "sample.sampler=ancestral"])
-    schedule = cfg.diffusion.schedule()
+    schedule = cfg.diffusion
     run = Run(cfg, oracle(schedule), None, 0, torch.device("cpu"))
     # Gaussian data is not an image in [-1, 1]: no x clipping for it.
     x = torch.cat(list(sample_batches(run, 2000, batch_size=1000, steps=1000, clip_denoised=False, clamp=False)))
