@@ -125,14 +125,13 @@ def fid_speed(n: int, rounds: int, workdir: Path) -> dict | None:
 
 
 def peak_rss(args: list[str]) -> float:
-    """Peak resident memory (MB) of a bdm command run as a child process."""
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "bdm_cli", *args], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024
+    """Peak resident memory (MB) of one bdm command: a fresh wrapper process runs it and reports its only child's
+    ru_maxrss (RUSAGE_CHILDREN in this process would be the maximum over every command run so far)."""
+    wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "bdm_cli", *args], check=True,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return int(proc.stdout.split()[-1]) / 1024
 
 
 def memory(workdir: Path, quick: bool) -> dict:
