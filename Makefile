@@ -30,8 +30,18 @@ test: install
 	$(PY) -m pytest -q
 
 # Benchmarks (issue #5): writes docs/benchmarks.md; QUICK=1 for a ~10-minute subset.
-bench: install
-	$(PY) bench/run.py $(if $(QUICK),--quick,)
+# The peers (denoising-diffusion-pytorch, diffusers) go into their own venv, never into the project's:
+# it sees the project's packages (torch included) through a .pth file and adds only the peers.
+BENCH_VENV := .bench-venv
+
+$(BENCH_VENV)/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > $$($(BENCH_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])")/bdm_project.pth
+	$(BENCH_VENV)/bin/python -m pip install -q diffusers denoising-diffusion-pytorch
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python bench/run.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

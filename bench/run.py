@@ -69,6 +69,58 @@ def blur_overhead(batch: int, rounds: int) -> dict:
     return {"batch": batch, "params": count_parameters(model), **med, "ratio": med["blur 20"] / med["no blur"]}
 
 
+def peer_throughput(batch: int, rounds: int) -> dict | None:
+    """Item 3: training images/s of bdm's cifar10_cpu UNet against denoising-diffusion-pytorch's Unet and diffusers'
+    UNet2DModel at matched size, each through its own library's loss; achieved FLOP/s against this machine's fp32
+    matmul rate, both measured here. None when the peers are not importable (run through `make bench`)."""
+    try:
+        from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+        from diffusers import DDPMScheduler, UNet2DModel
+    except ImportError:
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bdm_cli.engine import dct2, precondition
+
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, 32, 32) * 2 - 1
+    cfg = load_config("cifar10_cpu")
+    net = build_model(cfg)
+    u = dct2(x.double())
+    eps_model = precondition(net, cfg.diffusion, u.mean(0).float(), u.var(0).float())
+    lucid = GaussianDiffusion(Unet(dim=60, dim_mults=(1, 2, 2), flash_attn=False), image_size=32, timesteps=1000)
+    hf = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                     up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in (("bdm", net), ("lucid", lucid), ("hf", hf))}
+
+    def bdm_step():
+        loss = eps_loss(eps_model, x, torch.rand(batch), torch.randn_like(x), cfg.diffusion)
+        opts["bdm"].zero_grad(), loss.backward(), opts["bdm"].step()
+
+    def lucid_step():
+        loss = lucid((x + 1) / 2)  # its own loss; it normalises [0, 1] images itself
+        opts["lucid"].zero_grad(), loss.backward(), opts["lucid"].step()
+
+    def hf_step():
+        noise, t = torch.randn_like(x), torch.randint(0, 1000, (batch,))
+        loss = torch.nn.functional.mse_loss(hf(scheduler.add_noise(x, noise, t), t).sample, noise)
+        opts["hf"].zero_grad(), loss.backward(), opts["hf"].step()
+
+    fns = {"bdm": bdm_step, "denoising-diffusion-pytorch": lucid_step, "diffusers": hf_step}
+    alternate(fns, 1)
+    med = alternate(fns, rounds)
+    with FlopCounterMode(display=False) as counter:
+        bdm_step()
+    flops = counter.get_total_flops()
+    a = torch.randn(2048, 2048)
+    mm = alternate({"mm": lambda: a @ a}, 10)["mm"]
+    params = {"bdm": count_parameters(net), "denoising-diffusion-pytorch": count_parameters(lucid.model), "diffusers": count_parameters(hf)}
+    return {"batch": batch, "seconds": med, "params": params, "images_per_s": {k: batch / v for k, v in med.items()},
+            "flops_per_s": flops / med["bdm"], "matmul_flops_per_s": 2 * 2048**3 / mm}
+
+
 def sampler_overhead(batch: int, steps: int, rounds: int) -> dict:
     """Item 2: share of ancestral sampling time spent outside the network."""
     cfg = load_config("cifar10_cpu")
@@ -165,6 +217,19 @@ def report(results: dict, quick: bool) -> str:
               f"cifar10_cpu UNet ({b['params'] / 1e6:.2f}M parameters), batch {b['batch']}, one Adam step.", "",
               "| sigma_blur_max 20 | sigma_blur_max 0 | ratio | goal |", "|---|---|---|---|",
               f"| {b['blur 20']:.3f} s | {b['no blur']:.3f} s | {b['ratio']:.3f} | <= 1.02 |", ""]
+    p = results.get("peers")
+    lines += ["## 3. Training throughput against peers", ""]
+    if p:
+        fastest_peer = max(v for k, v in p["images_per_s"].items() if k != "bdm")
+        lines += [f"32x32, batch {p['batch']}, one training step (forward, loss, backward, Adam) through each library's own loss.", "",
+                  "| library | parameters | images/s |", "|---|---|---|"]
+        lines += [f"| {k} | {p['params'][k] / 1e6:.2f}M | {v:.1f} |" for k, v in p["images_per_s"].items()]
+        lines += ["", f"bdm / fastest peer: {p['images_per_s']['bdm'] / fastest_peer:.2f}x (goal >= 1.0x). "
+                  f"Achieved {p['flops_per_s'] / 1e9:.1f} GFLOP/s (torch.utils.flop_counter) against an fp32 matmul rate of "
+                  f"{p['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s measured in the same run: "
+                  f"{100 * p['flops_per_s'] / p['matmul_flops_per_s']:.0f}% (goal >= 35%).", ""]
+    else:
+        lines += ["Not measured: the peers are not installed (`make bench` creates .bench-venv with them).", ""]
     s = results["sampler"]
     lines += ["## 2. Sampler overhead", "",
               f"Ancestral sampling, {s['steps']} steps, batch {s['batch']}, against the same {s['steps']} network calls alone.", "",
@@ -184,9 +249,8 @@ def report(results: dict, quick: bool) -> str:
               f"| training cifar10_cpu, batch 64 | {m['train_mb']:.0f} MB |",
               f"| sampling {m['sample_n']} images (batches of 100) | {m['sample_mb']:.0f} MB |", ""]
     lines += ["## Not measured yet", "",
-              "Items 3 (throughput against denoising-diffusion-pytorch and diffusers), 5 (FID against sampling steps) "
-              "and 6 (blur against no blur at equal compute) need the peer libraries in a separate bench environment "
-              "and hour-long cifar10_cpu trainings; this script does not run them yet.", ""]
+              "Items 5 (FID against sampling steps) and 6 (blur against no blur at equal compute, and against "
+              "denoising-diffusion-pytorch's Trainer) need hour-long cifar10_cpu trainings; this script does not run them yet.", ""]
     return "\n".join(lines)
 
 
@@ -201,6 +265,8 @@ def main() -> None:
         work = Path(tmp)
         print("1. blur overhead", flush=True)
         results["blur"] = blur_overhead(batch=32 if q else 64, rounds=5 if q else 11)
+        print("3. peers", flush=True)
+        results["peers"] = peer_throughput(batch=32, rounds=3 if q else 7)
         print("2. sampler overhead", flush=True)
         results["sampler"] = sampler_overhead(batch=16, steps=100 if q else 1000, rounds=3 if q else 5)
         print("4. FID speed", flush=True)
