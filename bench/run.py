@@ -217,6 +217,11 @@ def report(results: dict, quick: bool) -> str:
               f"cifar10_cpu UNet ({b['params'] / 1e6:.2f}M parameters), batch {b['batch']}, one Adam step.", "",
               "| sigma_blur_max 20 | sigma_blur_max 0 | ratio | goal |", "|---|---|---|---|",
               f"| {b['blur 20']:.3f} s | {b['no blur']:.3f} s | {b['ratio']:.3f} | <= 1.02 |", ""]
+    s = results["sampler"]
+    lines += ["## 2. Sampler overhead", "",
+              f"Ancestral sampling, {s['steps']} steps, batch {s['batch']}, against the same {s['steps']} network calls alone.", "",
+              "| sampler | network alone | share outside the network | goal |", "|---|---|---|---|",
+              f"| {s['sampler']:.2f} s | {s['network alone']:.2f} s | {100 * s['outside']:.1f}% | <= 3% |", ""]
     p = results.get("peers")
     lines += ["## 3. Training throughput against peers", ""]
     if p:
@@ -230,11 +235,6 @@ def report(results: dict, quick: bool) -> str:
                   f"{100 * p['flops_per_s'] / p['matmul_flops_per_s']:.0f}% (goal >= 35%).", ""]
     else:
         lines += ["Not measured: the peers are not installed (`make bench` creates .bench-venv with them).", ""]
-    s = results["sampler"]
-    lines += ["## 2. Sampler overhead", "",
-              f"Ancestral sampling, {s['steps']} steps, batch {s['batch']}, against the same {s['steps']} network calls alone.", "",
-              "| sampler | network alone | share outside the network | goal |", "|---|---|---|---|",
-              f"| {s['sampler']:.2f} s | {s['network alone']:.2f} s | {100 * s['outside']:.1f}% | <= 3% |", ""]
     f = results.get("fid")
     lines += ["## 4. FID speed and agreement", ""]
     if f:
@@ -265,10 +265,10 @@ def main() -> None:
         work = Path(tmp)
         print("1. blur overhead", flush=True)
         results["blur"] = blur_overhead(batch=32 if q else 64, rounds=5 if q else 11)
-        print("3. peers", flush=True)
-        results["peers"] = peer_throughput(batch=32, rounds=3 if q else 7)
         print("2. sampler overhead", flush=True)
         results["sampler"] = sampler_overhead(batch=16, steps=100 if q else 1000, rounds=3 if q else 5)
+        print("3. training throughput against peers", flush=True)
+        results["peers"] = peer_throughput(batch=32, rounds=3 if q else 7)
         print("4. FID speed", flush=True)
         results["fid"] = fid_speed(n=250 if q else 5000, rounds=1 if q else 3, workdir=work / "fid")
         print("7. memory", flush=True)
