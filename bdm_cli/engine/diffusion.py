@@ -50,15 +50,16 @@ def posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, delta: float = 1e
         var  = 1 / (1/sigma_s^2 + alpha_ts^2 / sigma2_ts)             (clipped by delta)
         mean = alpha_ts var / sigma2_ts * u_t + var / (alpha_ts sigma_s^2) * (u_t - sigma_t eps_u)
 
-    Returned as ``(c_u, c_eps, var)`` so that ``mean_u = c_u * u_t + c_eps * eps_u``.
+    Returned as ``(c_u, c_x, var)`` so that ``mean_u = c_u * u_t + c_x * x_hat_u``, with the model's x
+    prediction ``x_hat_u = (u_t - sigma_t eps_u) / alpha_t`` (so ``c_x = alpha_s var / sigma_s^2``).
     """
     alpha_ts = alpha_t / alpha_s
     sigma2_s = sigma_s**2
     sigma2_ts = sigma_t**2 - alpha_ts**2 * sigma2_s
     var = 1 / (1 / sigma2_s.clamp(min=delta) + 1 / (sigma_t**2 / alpha_ts**2 - sigma2_s).clamp(min=delta)).clamp(min=delta)
-    c_zt = alpha_ts * var / (sigma2_ts + delta)
-    c_x = var / (alpha_ts * sigma2_s.clamp(min=delta))
-    return c_zt + c_x, -sigma_t * c_x, var
+    c_u = alpha_ts * var / (sigma2_ts + delta)
+    c_x = alpha_s * var / sigma2_s.clamp(min=delta)
+    return c_u, c_x, var
 
 
 def denoise_mean_var(z_t, t, s, eps_hat, schedule: BlurSchedule, delta: float = 1e-8):
@@ -67,12 +68,12 @@ def denoise_mean_var(z_t, t, s, eps_hat, schedule: BlurSchedule, delta: float = 
     ``mean`` has ``z_t``'s shape (pixel space); ``var`` is [B, 1, H, W] in DCT space, so a
     sample is ``mean + IDCT(sqrt(var) * e)`` with ``e`` standard normal.
     """
-    c_u, c_eps, var = (
-        c.to(z_t.dtype)
-        for c in posterior_coefficients(*_alpha_sigma64(schedule, t, z_t), *_alpha_sigma64(schedule, s, z_t), delta)
-    )
-    mean = idct2(c_u * dct2(z_t) + c_eps * dct2(eps_hat))
-    return mean, var
+    alpha_t, sigma_t = _alpha_sigma64(schedule, t, z_t)
+    c_u, c_x, var = posterior_coefficients(alpha_t, sigma_t, *_alpha_sigma64(schedule, s, z_t), delta)
+    c_eps = c_x / alpha_t  # x_hat's 1/alpha_t folded into the float64 coefficient: var / (alpha_ts sigma_s^2)
+    u_t = dct2(z_t)
+    mean = idct2(c_u.to(z_t.dtype) * u_t + c_eps.to(z_t.dtype) * (u_t - sigma_t.to(z_t.dtype) * dct2(eps_hat)))
+    return mean, var.to(z_t.dtype)
 
 
 def gaussian_eps(z_t: torch.Tensor, t: torch.Tensor, schedule: BlurSchedule, mean_u: torch.Tensor, var_u: torch.Tensor) -> torch.Tensor:

@@ -141,14 +141,11 @@ def _coefficients(schedule: BlurSchedule, ts: torch.Tensor, height: int, width: 
     * heun: ``c_corr`` of the corrector ``u_s = u_ddim + c_corr (x_hat_s - x_hat_t)``.
     Each is [steps, 1, 1, H, W] (None where the sampler has none).
     """
-    delta = 1e-8
     alpha, sigma = schedule.alpha_sigma(ts, height, width)  # [N+1, 1, H, W], [N+1, 1, 1, 1]
     alpha_t, sigma_t, alpha_s, sigma_s = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
     c_noise = c_corr = None
     if sampler == "ancestral":
-        c_eps_u, _, var = posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, delta)
-        c_x = alpha_s * var / (sigma_s**2).clamp(min=delta)
-        c_u = c_eps_u - c_x / alpha_t  # the x_hat part of the eps-form coefficient moves to c_x
+        c_u, c_x, var = posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s)
         c_noise = var.sqrt()
         c_noise[-1] = 0.0
     else:
