@@ -12,7 +12,7 @@ from .checkpoint import CHECKPOINT, CheckpointError, checkpoint_config, load_che
 from .config import Config
 from .engine import Step, sample
 from .errors import UserError
-from .train import _load_weights, denoiser, resolve_device
+from .train import _load_weights, bf16_network, denoiser, resolve_device
 from .unet import build_model
 
 __all__ = ["Run", "load_run", "sample_batches", "sample_generators"]
@@ -27,12 +27,7 @@ class Run:
     device: torch.device
 
     def denoiser(self, bf16: bool = False):
-        net = self.model
-        if bf16 and self.device.type == "cuda":
-            def net(z, t, _m=self.model):  # bf16 only inside the network, as in training
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    return _m(z, t)
-        return denoiser(net, self.cfg, self.stats)
+        return denoiser(bf16_network(self.model, bf16 and self.device.type == "cuda"), self.cfg, self.stats)
 
 
 def find_checkpoint(run: Path | None, checkpoint: Path | None) -> Path:

@@ -153,6 +153,19 @@ def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0, 
     return make_grid(x.clamp(-1, 1).float().cpu())
 
 
+def bf16_network(net, enabled: bool):
+    """``net`` under bf16 autocast on CUDA when enabled: bf16 only inside the network, the DCT and the
+    loss stay in float32."""
+    if not enabled:
+        return net
+
+    def network(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return net(z, t)
+
+    return network
+
+
 def denoiser(net, cfg: Config, stats: dict | None):
     """The eps predictor the engine trains and samples: the network, preconditioned when the config says so."""
     if not (cfg.model.precondition and stats):
@@ -200,11 +213,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
         model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if ddp.world > 1 else model
 
-    def network(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # bf16 only inside the network: the DCT and the loss stay in float32.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
-            return net(z, t)
-
+    network = bf16_network(net, cuda and tc.bf16)
     schedule = cfg.diffusion
     data = make_dataset(cfg.data.dataset, cfg.data.resolution, cfg.data.channels, cfg.data.split)
     stats = (state.get("data_stats") if resume else None) or (data_stats(data) if cfg.model.precondition else None)
