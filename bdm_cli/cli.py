@@ -406,7 +406,7 @@ def _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, batch_size, 
     """Sample from a run and stream the samples, quantised as a PNG would hold them, into the Inception."""
     from . import fid
     from .generate import find_checkpoint, load_run, sample_batches
-    from .io import save_png, to_uint8
+    from .io import save_png
 
     r = load_run(find_checkpoint(run, checkpoint), device=str(dev))
     if out_dir is not None:
@@ -418,8 +418,7 @@ def _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, batch_size, 
             if out_dir is not None:
                 for j, img in enumerate(x):
                     save_png(img, out_dir / f"{k * batch_size + j:06d}.png")
-            q = to_uint8(x).float() / 255.0
-            yield q.expand(-1, 3, -1, -1) if q.shape[1] == 1 else q  # grayscale -> RGB as PIL's convert does
+            yield fid.as_inception_input(x)
 
     st = fid.features(model, batches(), dims, dev, progress)
     return (*st.result(), st.n)
@@ -427,9 +426,8 @@ def _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, batch_size, 
 
 @contextlib.contextmanager
 def _progress(label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from rich.progress import TaskProgressColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(show_speed=True),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as bar:

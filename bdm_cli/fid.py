@@ -175,12 +175,20 @@ def _cifar10_uint8(split: str) -> torch.Tensor:
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
 
 
+def as_inception_input(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images to what pytorch-fid feeds the Inception: quantised as a PNG holds them, in [0, 1],
+    grayscale repeated to RGB (as PIL's ``convert("RGB")`` does)."""
+    from .io import to_uint8
+
+    q = to_uint8(x).float() / 255.0
+    return q.expand(-1, 3, -1, -1) if q.shape[1] == 1 else q
+
+
 def _digits_uint8() -> torch.Tensor:
     """The bundled digits as the ``digits`` preset trains on them (16x16), quantised to uint8, as RGB."""
     from .data import load_digits
-    from .io import to_uint8
 
-    return (to_uint8(load_digits(16, 1)).float() / 255.0).expand(-1, 3, -1, -1)
+    return as_inception_input(load_digits(16, 1))
 
 
 @torch.inference_mode()
@@ -259,10 +267,3 @@ def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int) -> Path:
     with atomic_write(path) as f:
         np.savez(f, mu=mu, sigma=sigma, n=n)
     return Path(path)
-
-
-def small_sample_warning(n: int, dims: int) -> None:
-    if 0 < n < dims:
-        warnings.warn(f"only {n} images for {dims}-d features: the covariance is rank-deficient and FID is biased "
-                      "upward; use at least 2048 (50,000 for numbers comparable with papers)", stacklevel=2)
-
