@@ -29,7 +29,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# Benchmarks (issue #5): writes docs/benchmarks.md; QUICK=1 for a ~10-minute subset.
+# Benchmarks (issue #5): writes docs/benchmarks.md; QUICK=1 for a ~10-minute subset;
+# BENCH_ARGS passes options to bench/run.py (e.g. --train-steps 400 --n 100 for smaller items 5 and 6).
 # The peers (denoising-diffusion-pytorch, diffusers) go into their own venv, never into the project's:
 # it sees the project's packages (torch included) through a .pth file and adds only the peers.
 BENCH_VENV := .bench-venv
@@ -37,11 +38,11 @@ BENCH_VENV := .bench-venv
 $(BENCH_VENV)/.installed: $(VENV)/.installed
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(PY) -c "import site; print(site.getsitepackages()[0])" > $$($(BENCH_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])")/bdm_project.pth
-	$(BENCH_VENV)/bin/python -m pip install -q diffusers denoising-diffusion-pytorch
+	$(BENCH_VENV)/bin/python -m pip install -q diffusers==0.42.1 denoising-diffusion-pytorch==2.3.4
 	touch $@
 
 bench: $(BENCH_VENV)/.installed
-	$(BENCH_VENV)/bin/python bench/run.py $(if $(QUICK),--quick,)
+	$(BENCH_VENV)/bin/python bench/run.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -271,7 +271,7 @@ def sample_cmd(
     batch_size: Annotated[int, typer.Option(help="Samples per batch (does not change the samples).")] = 64,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast in the network (CUDA only).")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast in the network (CUDA, CPUs with native bf16).")] = False,
     trajectory: Annotated[Optional[Path], typer.Option(help="Also write a strip of the predicted x over the steps for 8 samples.")] = None,
 ):
     """Draw samples from a trained run: a grid, and/or one PNG per sample."""
@@ -279,7 +279,7 @@ def sample_cmd(
 
     from .engine import nfe
     from .generate import find_checkpoint, load_run, sample_batches
-    from .io import check_writable, make_grid, save_png
+    from .io import check_writable, make_grid, save_numbered, save_png
 
     with user_errors():
         _check_sampling(n, steps, sampler, grid, batch_size)
@@ -306,8 +306,7 @@ def sample_cmd(
             for b, x in enumerate(sample_batches(r, n, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler,
                                                  grid=grid, bf16=bf16, callback=snap)):
                 if out_dir is not None:
-                    for j, img in enumerate(x):
-                        save_png(img, out_dir / f"{b * batch_size + j:06d}.png")
+                    save_numbered(x, out_dir, b * batch_size)
                 if grid_path is not None and sum(map(len, images)) < GRID_MAX:
                     images.append(x[: GRID_MAX - sum(map(len, images))].clone())  # memory stays flat for any --n
         if grid_path is not None:
@@ -333,6 +332,7 @@ def fid_cmd(
     sampler: Annotated[Optional[str], typer.Option(help="Sampler with --run.")] = None,
     grid: Annotated[Optional[str], typer.Option(help="Time grid with --run.")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed with --run.")] = 0,
+    bf16: Annotated[bool, typer.Option("--bf16", help="With --run: bf16 autocast in the network (CUDA, CPUs with native bf16).")] = False,
     out_dir: Annotated[Optional[Path], typer.Option(help="With --run, also write the samples as PNGs here.")] = None,
     save_stats: Annotated[Optional[Path], typer.Option(help="Write mu/sigma of the (first) input to this .npz.")] = None,
     dims: Annotated[int, typer.Option(help="Inception features: 2048 (standard), 768, 192 or 64.")] = 2048,
@@ -383,7 +383,7 @@ def fid_cmd(
 
                 progress = lambda k: bar.update(task, advance=k)  # noqa: E731
                 if sampling:
-                    stats1 = _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, batch_size, out_dir, model,
+                    stats1 = _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, bf16, batch_size, out_dir, model,
                                              dims, dev, counted, progress)
                     second = ref or a
                 else:
@@ -402,11 +402,11 @@ def fid_cmd(
             out.print(f"FID: {value:.4f}" if np.isfinite(value) else f"FID: {value}")
 
 
-def _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, batch_size, out_dir, model, dims, dev, counted, progress):
+def _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, bf16, batch_size, out_dir, model, dims, dev, counted, progress):
     """Sample from a run and stream the samples, quantised as a PNG would hold them, into the Inception."""
     from . import fid
     from .generate import find_checkpoint, load_run, sample_batches
-    from .io import save_png
+    from .io import save_numbered
 
     r = load_run(find_checkpoint(run, checkpoint), device=str(dev))
     if out_dir is not None:
@@ -414,10 +414,10 @@ def _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, batch_size, 
     counted(n)
 
     def batches():
-        for k, x in enumerate(sample_batches(r, n, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler, grid=grid)):
+        for k, x in enumerate(sample_batches(r, n, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler, grid=grid,
+                                                        bf16=bf16)):
             if out_dir is not None:
-                for j, img in enumerate(x):
-                    save_png(img, out_dir / f"{k * batch_size + j:06d}.png")
+                save_numbered(x, out_dir, k * batch_size)
             yield fid.as_inception_input(x)
 
     st = fid.features(model, batches(), dims, dev, progress)

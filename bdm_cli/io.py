@@ -19,7 +19,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["OutputError", "atomic_write", "atomic_write_bytes", "to_uint8", "save_png", "make_grid", "check_writable"]
+__all__ = ["OutputError", "atomic_write", "atomic_write_bytes", "to_uint8", "save_png", "save_numbered", "make_grid", "check_writable"]
 
 
 class OutputError(UserError):
@@ -37,12 +37,19 @@ def check_writable(path: Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path | str, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
     path = check_writable(Path(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should be like any file the user writes
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -88,3 +95,9 @@ def save_png(image: torch.Tensor, path: Path | str, scale: int = 1) -> Path:
     arr = arr.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr, "RGB")
     return atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))
+
+
+def save_numbered(images: torch.Tensor, out_dir: Path, first: int) -> None:
+    """Save a batch as ``{index:06d}.png`` from ``first`` on: the file of sample i holds sample i in any batching."""
+    for j, img in enumerate(images):
+        save_png(img, Path(out_dir) / f"{first + j:06d}.png")

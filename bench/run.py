@@ -1,13 +1,12 @@
 """Benchmarks of bdm on this machine; writes docs/benchmarks.md.
 
-    python bench/run.py            # everything measured here
-    python bench/run.py --quick    # a ~10-minute subset
+    python bench/run.py                           # everything (items 5 and 6 train for hours)
+    python bench/run.py --quick                   # a ~10-minute subset of items 1-4 and 7
+    python bench/run.py --train-steps 400 --n 100 # items 5 and 6 at a smaller scale
 
 Every speed figure is a ratio measured in one run: A and B alternate several times and the
-medians are compared, because these machines are noisy. Measured so far: blur overhead in
-training (item 1), sampler overhead (2), FID speed and agreement with pytorch-fid (4) and
-peak memory (7) of issue #5; the peer comparisons (3, 6) and the FID-vs-steps study (5)
-need a trained cifar10_cpu model and the peer libraries and are not run by this script yet.
+medians are compared, because these machines are noisy. Items 5 and 6 (sample quality) are
+in bench/quality.py, whose trainings and FIDs are kept under --work and reused by a re-run.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import quality  # noqa: E402
 from bdm_cli.config import load_config  # noqa: E402
 from bdm_cli.engine import BlurSchedule, eps_loss, sample  # noqa: E402
 from bdm_cli.unet import build_model, count_parameters  # noqa: E402
@@ -81,6 +81,7 @@ def peer_throughput(batch: int, rounds: int) -> dict | None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from bdm_cli.engine import dct2, precondition
+    from bdm_cli.train import bf16_native, bf16_network
 
     torch.manual_seed(0)
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
@@ -93,22 +94,34 @@ def peer_throughput(batch: int, rounds: int) -> dict | None:
                      down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                      up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in (("bdm", net), ("lucid", lucid), ("hf", hf))}
+    net0 = build_model(load_config("cifar10_cpu", ["model.dropout=0"]))  # a diagnostic: the peers have no dropout
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in (("bdm", net), ("bdm0", net0), ("lucid", lucid), ("hf", hf))}
+    bdm_bf16 = precondition(bf16_network(net, torch.device("cpu"), True), cfg.diffusion, u.mean(0).float(), u.var(0).float())
+    bdm_nodrop = precondition(net0, cfg.diffusion, u.mean(0).float(), u.var(0).float())
 
-    def bdm_step():
-        loss = eps_loss(eps_model, x, torch.rand(batch), torch.randn_like(x), cfg.diffusion)
-        opts["bdm"].zero_grad(), loss.backward(), opts["bdm"].step()
+    def autocast(on: bool):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=on)
 
-    def lucid_step():
-        loss = lucid((x + 1) / 2)  # its own loss; it normalises [0, 1] images itself
+    def bdm_step(model=eps_model, opt="bdm"):
+        loss = eps_loss(model, x, torch.rand(batch), torch.randn_like(x), cfg.diffusion)
+        opts[opt].zero_grad(), loss.backward(), opts[opt].step()
+
+    def lucid_step(bf16=False):
+        with autocast(bf16):  # as its Trainer's accelerate autocast does
+            loss = lucid((x + 1) / 2)  # its own loss; it normalises [0, 1] images itself
         opts["lucid"].zero_grad(), loss.backward(), opts["lucid"].step()
 
-    def hf_step():
+    def hf_step(bf16=False):
         noise, t = torch.randn_like(x), torch.randint(0, 1000, (batch,))
-        loss = torch.nn.functional.mse_loss(hf(scheduler.add_noise(x, noise, t), t).sample, noise)
+        with autocast(bf16):
+            loss = torch.nn.functional.mse_loss(hf(scheduler.add_noise(x, noise, t), t).sample.float(), noise)
         opts["hf"].zero_grad(), loss.backward(), opts["hf"].step()
 
-    fns = {"bdm": bdm_step, "denoising-diffusion-pytorch": lucid_step, "diffusers": hf_step}
+    fns = {"bdm": bdm_step, "denoising-diffusion-pytorch": lucid_step, "diffusers": hf_step,
+           "bdm, dropout 0": lambda: bdm_step(bdm_nodrop, "bdm0")}
+    if bf16_native(torch.device("cpu")):  # bdm's default on such CPUs; the peers under the same autocast
+        fns |= {"bdm bf16": lambda: bdm_step(bdm_bf16), "denoising-diffusion-pytorch bf16": lambda: lucid_step(True),
+                "diffusers bf16": lambda: hf_step(True)}
     alternate(fns, 1)
     med = alternate(fns, rounds)
     with FlopCounterMode(display=False) as counter:
@@ -225,14 +238,25 @@ def report(results: dict, quick: bool) -> str:
     p = results.get("peers")
     lines += ["## 3. Training throughput against peers", ""]
     if p:
-        fastest_peer = max(v for k, v in p["images_per_s"].items() if k != "bdm")
-        lines += [f"32x32, batch {p['batch']}, one training step (forward, loss, backward, Adam) through each library's own loss.", "",
-                  "| library | parameters | images/s |", "|---|---|---|"]
-        lines += [f"| {k} | {p['params'][k] / 1e6:.2f}M | {v:.1f} |" for k, v in p["images_per_s"].items()]
-        lines += ["", f"bdm / fastest peer: {p['images_per_s']['bdm'] / fastest_peer:.2f}x (goal >= 1.0x). "
+        ips = p["images_per_s"]
+        lines += [f"32x32, batch {p['batch']}, one training step (forward, loss, backward, Adam) through each library's own loss; "
+                  "bf16: the same under CPU bf16 autocast (bdm: inside the network only, its default on this CPU).", "",
+                  "| library | parameters | float32 images/s | bf16 images/s |", "|---|---|---|---|"]
+        lines += [f"| {k} | {p['params'][k] / 1e6:.2f}M | {ips[k]:.1f} | " + (f"{ips[k + ' bf16']:.1f} |" if k + " bf16" in ips else "|")
+                  for k in p["params"]]
+        def vs_fastest_peer(suffix: str) -> float:
+            return ips["bdm" + suffix] / max(ips[k + suffix] for k in p["params"] if k != "bdm" and k + suffix in ips)
+
+        ratios = {prec: vs_fastest_peer(sfx) for prec, sfx in (("float32", ""), ("bf16", " bf16")) if "bdm" + sfx in ips}
+        lines += ["", "bdm / fastest peer: " + ", ".join(f"{r:.2f}x ({prec})" for prec, r in ratios.items()) + " (goal >= 1.0x). "
                   f"Achieved {p['flops_per_s'] / 1e9:.1f} GFLOP/s (torch.utils.flop_counter) against an fp32 matmul rate of "
                   f"{p['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s measured in the same run: "
                   f"{100 * p['flops_per_s'] / p['matmul_flops_per_s']:.0f}% (goal >= 35%).", ""]
+        if "bdm, dropout 0" in ips:
+            fastest = max(ips[k] for k in p["params"] if k != "bdm")
+            lines += [f"Diagnostic: the same bdm UNet without dropout (cifar10_cpu has dropout 0.1, as DDPM's CIFAR-10 model; "
+                      f"the peers have none): {ips['bdm, dropout 0']:.1f} images/s, {ips['bdm, dropout 0'] / fastest:.2f}x the "
+                      "fastest float32 peer.", ""]
     else:
         lines += ["Not measured: the peers are not installed (`make bench` creates .bench-venv with them).", ""]
     f = results.get("fid")
@@ -248,16 +272,57 @@ def report(results: dict, quick: bool) -> str:
     lines += ["## 7. Memory", "", "| what | peak RSS |", "|---|---|",
               f"| training cifar10_cpu, batch 64 | {m['train_mb']:.0f} MB |",
               f"| sampling {m['sample_n']} images (batches of 100) | {m['sample_mb']:.0f} MB |", ""]
-    lines += ["## Not measured yet", "",
-              "Items 5 (FID against sampling steps) and 6 (blur against no blur at equal compute, and against "
-              "denoising-diffusion-pytorch's Trainer) need hour-long cifar10_cpu trainings; this script does not run them yet.", ""]
+    lines += quality_sections(results.get("quality"))
     return "\n".join(lines)
+
+
+def quality_sections(r: dict | None) -> list[str]:
+    """Items 5 and 6 from bench/quality.py's results."""
+    if not r:
+        return ["## 5, 6. Sample quality", "", "Not measured in this run (`--quick`, `--skip-quality`, or ../shared is "
+                "not beside this checkout); `make bench` runs them.", ""]
+    st = r["settings"]
+    images = st["train_steps"] * st["batch_size"]
+    trained = (f"cifar10_cpu (4.44M parameters) trained {st['train_steps']} steps x batch {st['batch_size']} = {images:,} images "
+               f"({images / 50_000:.2f} epochs) on the CIFAR-10 train split of ../shared (lr {st['lr']:g}, warm-up {st['warmup']}, "
+               f"EMA {st['ema_decay']}, bf16 autocast)")
+    fid_of = f"FID of {st['n']:,} samples against the 10,000 CIFAR-10 test images"
+    nfes = sorted({e for pts in r["fid_vs_nfe"].values() for e, _ in pts})
+    lines = ["## 5. Sampling speed against quality", "", f"One model: {trained}, blur 20 (sin2). {fid_of}, "
+             "by network evaluations (NFE; Heun takes 2 x steps - 1).", "",
+             "| sampler, grid | " + " | ".join(f"{e}" for e in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    for label, pts in r["fid_vs_nfe"].items():
+        by = dict(pts)
+        lines.append(f"| {label} | " + " | ".join(f"{by[e]:.1f}" if e in by else "" for e in nfes) + " |")
+    b, anc = r["best"], r["ancestral_1000"]
+    lines += ["", "![FID against network evaluations](bench_fid_vs_nfe.png)", ""]
+    if anc is not None:
+        ratio = b["fid"] / anc
+        lines += [f"Best deterministic setting within {st['best_nfe']} evaluations: {b['sampler']}, {b['grid']} grid, {b['steps']} steps "
+                  f"({b['nfe']} NFE): FID {b['fid']:.1f}, against ancestral at 1000 steps {anc:.1f}: "
+                  f"{ratio:.2f}x (goal <= 1.10: {'met' if ratio <= 1.10 else 'not met'}).", ""]
+    lines += ["## 6. Blur against no blur at equal images seen", "",
+              f"Each: {trained}; the same seed, data order and noise. {fid_of}, with every bdm model sampled at item 5's "
+              f"best setting ({b['sampler']}, {b['grid']} grid, {b['steps']} steps). denoising-diffusion-pytorch: its `Trainer` "
+              f"(Unet dim 60, mults 1,2,2: 4.64M parameters; its defaults: v-prediction, sigmoid schedule, EMA 0.995 every 10 "
+              f"steps, no warm-up) on the same images, batch and lr, bf16 autocast, sampled with its DDIM at 25 steps.", "",
+              "| model | FID | final loss (mean of the last 50 steps) | training wall time |", "|---|---|---|---|"]
+    for name, value in r["blur_table"].items():
+        curve = r["losses"].get(name) or []
+        last = [v for _, v in curve[-5:]]
+        wall = r["train_seconds"].get(name)
+        lines.append(f"| {name} | {value:.1f} | {sum(last) / len(last):.4f} | " + (f"{wall / 60:.1f} min |" if wall else "|"))
+    lines += ["", "Losses are each model's own objective (eps MSE for bdm, v MSE for denoising-diffusion-pytorch) and are not "
+              "comparable across rows; the curves show how each converges.", "", "![Loss curves](bench_loss.png)", ""]
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~10-minute subset")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--skip-quality", action="store_true", help="leave out items 5 and 6")
+    quality.add_arguments(parser.add_argument_group("items 5 and 6 (bench/quality.py)"))
     args = parser.parse_args()
     q = args.quick
     results = {}
@@ -266,13 +331,17 @@ def main() -> None:
         print("1. blur overhead", flush=True)
         results["blur"] = blur_overhead(batch=32 if q else 64, rounds=5 if q else 11)
         print("2. sampler overhead", flush=True)
-        results["sampler"] = sampler_overhead(batch=16, steps=100 if q else 1000, rounds=3 if q else 5)
+        results["sampler"] = sampler_overhead(batch=16 if q else 8, steps=100 if q else 1000, rounds=3)
         print("3. training throughput against peers", flush=True)
         results["peers"] = peer_throughput(batch=32, rounds=3 if q else 7)
         print("4. FID speed", flush=True)
-        results["fid"] = fid_speed(n=250 if q else 5000, rounds=1 if q else 3, workdir=work / "fid")
+        # 2,500 + 2,500 = 5,000 images: about 10 minutes a round for both tools on 2 cores
+        results["fid"] = fid_speed(n=250 if q else 2500, rounds=1, workdir=work / "fid")
         print("7. memory", flush=True)
         results["memory"] = memory(work, q)
+    if not (q or args.skip_quality) and quality.ZIP.exists() and quality.WEIGHTS.exists():
+        print("5, 6. sample quality", flush=True)
+        results["quality"] = quality.run(args)
     from bdm_cli.io import atomic_write
 
     with atomic_write(args.out, "w") as f:

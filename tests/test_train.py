@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from bdm_cli.checkpoint import load_checkpoint
 from bdm_cli.cli import app
 from bdm_cli.config import list_presets, load_config
 from bdm_cli.data import make_dataset
-from bdm_cli.train import StepBatches, lr_at, train
+from bdm_cli.train import StepBatches, bf16_native, bf16_network, lr_at, train
 from bdm_cli.unet import build_model, count_parameters
 
 from .conftest import ROOT, shared_file
@@ -172,3 +173,24 @@ def test_cifar10_offline_error(tmp_path, monkeypatch):
 
     with pytest.raises(DataError, match="cifar10-jpeg.zip"):
         make_dataset("cifar10", 32)
+
+
+def test_bf16_autocast_only_where_native():
+    net = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    cpu = torch.device("cpu")
+    assert bf16_network(net, cpu, False) is net
+    wrapped = bf16_network(lambda z, t: net(z), cpu, True)
+    if bf16_native(cpu):  # AVX-512 BF16 / AMX CPUs: the network runs in bf16, the caller gets bf16 out
+        assert wrapped(x, None).dtype == torch.bfloat16
+    else:  # emulated bf16 would be slower than float32: left as it is
+        assert wrapped(x, None).dtype == torch.float32
+
+
+def test_bf16_training_step_on_cpu_is_finite_and_resumes_exactly(tmp_path):
+    over = ["train.steps=6", "train.bf16=true", "train.checkpoint_every=0"]
+    straight = train(load_config("tiny", over), tmp_path / "a")
+    train(load_config("tiny", over[1:] + ["train.steps=3"]), tmp_path / "b")
+    resumed = train(load_config("tiny", over), tmp_path / "b", resume=True)
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert math.isfinite(straight["loss"]) and all(torch.equal(a[k], b[k]) for k in a)
