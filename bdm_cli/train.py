@@ -105,21 +105,27 @@ def init_distributed(device_name: str) -> Dist:
 
 
 class _Stop:
-    """SIGTERM sets a flag that the loop checks, so a scheduler's kill also ends with a checkpoint."""
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's kill) set a flag that the loop checks between steps, so a stop ends
+    with a consistent checkpoint: a KeyboardInterrupt raised at an arbitrary point could fire inside a lock (rich's
+    live display) or half-way through an optimizer step. A second Ctrl-C interrupts at once; the last saved
+    checkpoint is kept."""
 
     def __init__(self):
-        self.requested = False
+        self.requested: str | None = None  # the signal's name
 
     def __enter__(self):
-        self._old = signal.signal(signal.SIGTERM, self._handle) if _main_thread() else None
+        signals = (signal.SIGINT, signal.SIGTERM)
+        self._old = {s: signal.signal(s, self._handle) for s in signals} if _main_thread() else {}
         return self
 
-    def _handle(self, *_):
-        self.requested = True
+    def _handle(self, signum, _frame):
+        if signum == signal.SIGINT and self.requested == "SIGINT":
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def _main_thread() -> bool:
@@ -252,59 +258,56 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     loss_sum, loss_n, last_loss, stopped_by = torch.zeros((), device=device), 0, math.nan, None
     skipped_batches = skipped_images = 0
     tick, tick_step = time.perf_counter(), step
-    try:
-        with _Stop() as stop:
-            for x in loader:
-                skipped_images += tc.batch_size // ddp.world - len(x)  # undecodable files (warned by the dataset)
-                if len(x) == 0:
-                    continue
-                x = x.to(device, non_blocking=True)
-                b = x.shape[0]
-                if cfg.data.hflip:
-                    x = torch.where(torch.rand(b, 1, 1, 1, generator=gen, device=device) < 0.5, x.flip(-1), x)
-                t = torch.rand(b, generator=gen, device=device)
-                noise = torch.randn(x.shape, generator=gen, device=device)
-                if cuda:
-                    x, noise = x.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, tc.lr, tc.warmup)
-                loss = eps_loss(eps_model, x, t, noise, schedule)
-                if not _all_finite(loss, ddp):  # checked before the update, so no NaN reaches the weights
-                    if not tc.skip_nonfinite:
-                        raise UserError(f"the loss is {loss.item()} at step {step + 1}; stopped, the last checkpoint is kept "
-                                        "(--set train.skip_nonfinite=true skips such batches)")
-                    skipped_batches += 1
-                    step += 1
-                    continue
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                opt.step()
-                ema_update(ema, model, tc.ema_decay)
+    with _Stop() as stop:
+        for x in loader:
+            skipped_images += tc.batch_size // ddp.world - len(x)  # undecodable files (warned by the dataset)
+            if len(x) == 0:
+                continue
+            x = x.to(device, non_blocking=True)
+            b = x.shape[0]
+            if cfg.data.hflip:
+                x = torch.where(torch.rand(b, 1, 1, 1, generator=gen, device=device) < 0.5, x.flip(-1), x)
+            t = torch.rand(b, generator=gen, device=device)
+            noise = torch.randn(x.shape, generator=gen, device=device)
+            if cuda:
+                x, noise = x.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tc.lr, tc.warmup)
+            loss = eps_loss(eps_model, x, t, noise, schedule)
+            if not _all_finite(loss, ddp):  # checked before the update, so no NaN reaches the weights
+                if not tc.skip_nonfinite:
+                    raise UserError(f"the loss is {loss.item()} at step {step + 1}; stopped, the last checkpoint is kept "
+                                    "(--set train.skip_nonfinite=true skips such batches)")
+                skipped_batches += 1
                 step += 1
-                loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
-                if _every(step, tc.log_every) or step == tc.steps:
-                    last_loss = (loss_sum / max(loss_n, 1)).item()
-                    now = time.perf_counter()
-                    ips = (step - tick_step) * tc.batch_size / max(now - tick, 1e-9)
-                    tick, tick_step, loss_sum, loss_n = now, step, torch.zeros((), device=device), 0
-                    if ddp.main:
-                        _log(run_dir, writer, {"step": step, "loss": last_loss, "lr": opt.param_groups[0]["lr"], "images_per_s": ips,
-                                               "skipped_batches": skipped_batches, "skipped_images": skipped_images})
-                        if progress:
-                            progress({"step": step, "steps": tc.steps, "loss": last_loss, "images_per_s": ips})
-                elif ddp.main and progress:
-                    progress({"step": step, "steps": tc.steps})
-                if _every(step, tc.sample_every) and ddp.main:
-                    save_png(preview_grid(ema, cfg, device, cfg.sample.n, stats=stats), run_dir / "samples" / f"step_{step:06d}.png")
-                if _every(step, tc.checkpoint_every):
-                    checkpoint()
-                if stop.requested:
-                    stopped_by = "SIGTERM"
-                    break
-    except KeyboardInterrupt:
-        stopped_by = "SIGINT"
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            ema_update(ema, model, tc.ema_decay)
+            step += 1
+            loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
+            if _every(step, tc.log_every) or step == tc.steps:
+                last_loss = (loss_sum / max(loss_n, 1)).item()
+                now = time.perf_counter()
+                ips = (step - tick_step) * tc.batch_size / max(now - tick, 1e-9)
+                tick, tick_step, loss_sum, loss_n = now, step, torch.zeros((), device=device), 0
+                if ddp.main:
+                    _log(run_dir, writer, {"step": step, "loss": last_loss, "lr": opt.param_groups[0]["lr"], "images_per_s": ips,
+                                           "skipped_batches": skipped_batches, "skipped_images": skipped_images})
+                    if progress:
+                        progress({"step": step, "steps": tc.steps, "loss": last_loss, "images_per_s": ips})
+            elif ddp.main and progress:
+                progress({"step": step, "steps": tc.steps})
+            if _every(step, tc.sample_every) and ddp.main:
+                save_png(preview_grid(ema, cfg, device, cfg.sample.n, stats=stats), run_dir / "samples" / f"step_{step:06d}.png")
+            if _every(step, tc.checkpoint_every):
+                checkpoint()
+            if stop.requested:
+                stopped_by = stop.requested
+                break
     checkpoint()
     if writer:
         writer.close()

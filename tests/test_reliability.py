@@ -224,11 +224,11 @@ def test_no_eval_exec_or_unsafe_loading_in_the_source():
 
 # -- nothing is lost -------------------------------------------------------------------------
 
-def _spawn_train(out, *extra):
+def _spawn_train(out, *extra, session=False):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(BDM + ["train", "--preset", "tiny", "--out", str(out), "--steps", "100000",
                                    "--set", "train.log_every=1", *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=session)
 
 
 def _wait_for_steps(out: Path, proc, n=3, timeout=120):
@@ -242,13 +242,14 @@ def _wait_for_steps(out: Path, proc, n=3, timeout=120):
     raise AssertionError("training did not start")
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signals_save_a_checkpoint_and_resume(tmp_path, sig, code):
+@pytest.mark.parametrize("sig,code,group", [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, False), (signal.SIGINT, 130, True)])
+def test_signals_save_a_checkpoint_and_resume(tmp_path, sig, code, group):
     out = tmp_path / "run"
-    proc = _spawn_train(out)
+    # group: Ctrl-C in a terminal signals the whole process group, DataLoader workers included
+    proc = _spawn_train(out, *(["--set", "data.num_workers=2"] if group else []), session=group)
     _wait_for_steps(out, proc)
-    proc.send_signal(sig)
-    output = proc.communicate(timeout=120)[0]
+    os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+    output = proc.communicate(timeout=300)[0]
     assert proc.returncode == code, output
     assert "Traceback" not in output and "checkpoint saved" in output
     step = load_checkpoint(out)["step"]
