@@ -42,7 +42,7 @@ $(BENCH_VENV)/.installed: $(VENV)/.installed
 	touch $@
 
 bench: $(BENCH_VENV)/.installed
-	$(BENCH_VENV)/bin/python bench/run.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python bench/run.py $(if $(QUICK),--quick --skip-quality,) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

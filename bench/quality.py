@@ -74,9 +74,7 @@ def train_bdm(name: str, extra: list[str], args, work: Path) -> Path:
     where = ["--resume", str(run)] if ckpt.exists() else ["--out", str(run)]
     cmd = [sys.executable, "-m", "bdm_cli", "train", "--preset", "cifar10_cpu", "--data", str(ZIP), *where, *common, *extra]
     print(" ".join(cmd[1:]), flush=True)
-    t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    (run / "wall_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
     return run
 
 
@@ -117,9 +115,7 @@ def train_peer(args, work: Path) -> Path:
                       train_lr=args.lr, train_num_steps=args.train_steps, save_and_sample_every=args.train_steps,
                       num_samples=16, results_folder=str(out), amp=True, mixed_precision_type="bf16",
                       calculate_fid=False, ema_decay=0.995)
-    t0 = time.perf_counter()
     trainer.train()
-    (out / "wall_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
     with atomic_write(out / "losses.json", "w") as f:
         json.dump(diffusion.losses, f)
     return out
@@ -220,17 +216,15 @@ def run(args) -> dict:
     # Item 6 at the best deterministic setting within best_nfe evaluations, the same for every bdm run.
     table = {name: fids.of_run(r, best_sampler, best_grid, best[2]) for name, r in runs.items()}
     losses = {name: bdm_losses(r) for name, r in runs.items()}
-    walls = {name: float((r / "wall_seconds").read_text()) if (r / "wall_seconds").exists() else None for name, r in runs.items()}
     if peer is not None:
         table[PEER] = fids.get(f"{PEER} ddim 25", lambda: peer_batches(peer, args.n, 250))
         losses[PEER] = smooth(json.loads((peer / "losses.json").read_text()), 10)
-        walls[PEER] = float((peer / "wall_seconds").read_text())
     settings = {k: getattr(args, k) for k in ("train_steps", "batch_size", "lr", "warmup", "ema_decay", "n", "steps",
                                               "ancestral_steps", "best_nfe", "peer")}
     results = {"settings": settings, "fid_vs_nfe": curves,
                "best": {"sampler": best_sampler, "grid": best_grid, "steps": best[2], "nfe": nfe(best_sampler, best[2]), "fid": best[0]},
                "ancestral_1000": dict(curves[f"ancestral, uniform grid"]).get(1000),
-               "blur_table": table, "train_seconds": walls, "losses": losses}
+               "blur_table": table, "losses": losses}
     plots(results, ROOT / "docs")
     with atomic_write(work / "quality.json", "w") as f:
         json.dump(results, f, indent=1)

@@ -1,7 +1,7 @@
 """Benchmarks of bdm on this machine; writes docs/benchmarks.md.
 
     python bench/run.py                           # everything (items 5 and 6 train for hours)
-    python bench/run.py --quick                   # a ~10-minute subset of items 1-4 and 7
+    python bench/run.py --quick --skip-quality    # a ~10-minute subset of items 1-4 and 7 (make bench QUICK=1)
     python bench/run.py --train-steps 400 --n 100 # items 5 and 6 at a smaller scale
 
 Every speed figure is a ratio measured in one run: A and B alternate several times and the
@@ -199,14 +199,14 @@ def peak_rss(args: list[str]) -> float:
     return int(proc.stdout.split()[-1]) / 1024
 
 
-def memory(workdir: Path, quick: bool) -> dict:
+def memory(workdir: Path) -> dict:
     """Item 7: peak RSS of training cifar10_cpu (batch 64) and of sampling 1,000 images."""
     run = workdir / "mem_run"
     data = SHARED / "data/cifar10-jpeg.zip"
     train = peak_rss(["train", "--preset", "cifar10_cpu", "--data", str(data) if data.exists() else "digits",
                       "--set", "data.channels=3", "--out", str(run), "--steps", "3", "--batch-size", "64",
                       "--set", "train.sample_every=0", "--set", "sample.steps=1", "--set", "sample.n=1"])
-    n = 200 if quick else 1000
+    n = 1000  # two DDIM steps each: memory, not time, is measured
     samp = peak_rss(["sample", "--run", str(run), "--n", str(n), "--batch-size", "100", "--steps", "2", "--sampler", "ddim",
                      "--out-dir", str(workdir / "mem_samples")])
     return {"train_mb": train, "sample_mb": samp, "sample_n": n}
@@ -222,8 +222,10 @@ def machine() -> str:
 
 
 def report(results: dict, quick: bool) -> str:
+    command = " ".join(["python bench/run.py", *sys.argv[1:]])
     lines = ["# Benchmarks", "", f"Measured {datetime.date.today()} on {machine()}.",
-             f"Reproduce: `make bench{' QUICK=1' if quick else ''}` (`python bench/run.py{' --quick' if quick else ''}`).",
+             f"Reproduce: `{command}` (`make bench` runs everything at the issue's scale; `make bench QUICK=1`: items 1-4 "
+             "and 7, smaller; `BENCH_ARGS=...` passes options).",
              "Every ratio is measured in one run, A and B alternating; the times are medians.", ""]
     b = results["blur"]
     lines += ["## 1. Blur overhead in training", "",
@@ -279,8 +281,8 @@ def report(results: dict, quick: bool) -> str:
 def quality_sections(r: dict | None) -> list[str]:
     """Items 5 and 6 from bench/quality.py's results."""
     if not r:
-        return ["## 5, 6. Sample quality", "", "Not measured in this run (`--quick`, `--skip-quality`, or ../shared is "
-                "not beside this checkout); `make bench` runs them.", ""]
+        return ["## 5, 6. Sample quality", "", "Not measured in this run (`--skip-quality`, or ../shared is not beside "
+                "this checkout); `make bench` runs them.", ""]
     st = r["settings"]
     images = st["train_steps"] * st["batch_size"]
     trained = (f"cifar10_cpu (4.44M parameters) trained {st['train_steps']} steps x batch {st['batch_size']} = {images:,} images "
@@ -306,12 +308,11 @@ def quality_sections(r: dict | None) -> list[str]:
               f"best setting ({b['sampler']}, {b['grid']} grid, {b['steps']} steps). denoising-diffusion-pytorch: its `Trainer` "
               f"(Unet dim 60, mults 1,2,2: 4.64M parameters; its defaults: v-prediction, sigmoid schedule, EMA 0.995 every 10 "
               f"steps, no warm-up) on the same images, batch and lr, bf16 autocast, sampled with its DDIM at 25 steps.", "",
-              "| model | FID | final loss (mean of the last 50 steps) | training wall time |", "|---|---|---|---|"]
+              "| model | FID | final loss (mean of the last 50 steps) |", "|---|---|---|"]
     for name, value in r["blur_table"].items():
         curve = r["losses"].get(name) or []
         last = [v for _, v in curve[-5:]]
-        wall = r["train_seconds"].get(name)
-        lines.append(f"| {name} | {value:.1f} | {sum(last) / len(last):.4f} | " + (f"{wall / 60:.1f} min |" if wall else "|"))
+        lines.append(f"| {name} | {value:.1f} | {sum(last) / len(last):.4f} |")
     lines += ["", "Losses are each model's own objective (eps MSE for bdm, v MSE for denoising-diffusion-pytorch) and are not "
               "comparable across rows; the curves show how each converges.", "", "![Loss curves](bench_loss.png)", ""]
     return lines
@@ -319,7 +320,7 @@ def quality_sections(r: dict | None) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a ~10-minute subset")
+    parser.add_argument("--quick", action="store_true", help="smaller items 1-4 and 7 (about 10 minutes)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--skip-quality", action="store_true", help="leave out items 5 and 6")
     quality.add_arguments(parser.add_argument_group("items 5 and 6 (bench/quality.py)"))
@@ -338,8 +339,8 @@ def main() -> None:
         # 2,500 + 2,500 = 5,000 images: about 10 minutes a round for both tools on 2 cores
         results["fid"] = fid_speed(n=250 if q else 2500, rounds=1, workdir=work / "fid")
         print("7. memory", flush=True)
-        results["memory"] = memory(work, q)
-    if not (q or args.skip_quality) and quality.ZIP.exists() and quality.WEIGHTS.exists():
+        results["memory"] = memory(work)
+    if not args.skip_quality and quality.ZIP.exists() and quality.WEIGHTS.exists():
         print("5, 6. sample quality", flush=True)
         results["quality"] = quality.run(args)
     from bdm_cli.io import atomic_write

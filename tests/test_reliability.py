@@ -247,9 +247,12 @@ def test_signals_save_a_checkpoint_and_resume(tmp_path, sig, code, group):
     out = tmp_path / "run"
     # group: Ctrl-C in a terminal signals the whole process group, DataLoader workers included
     proc = _spawn_train(out, *(["--set", "data.num_workers=2"] if group else []), session=group)
-    _wait_for_steps(out, proc)
-    os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
-    output = proc.communicate(timeout=300)[0]
+    try:
+        _wait_for_steps(out, proc)
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        output = proc.communicate(timeout=300)[0]
+    finally:  # a training that ignored the signal must not outlive the test
+        proc.kill()
     assert proc.returncode == code, output
     assert "Traceback" not in output and "checkpoint saved" in output
     step = load_checkpoint(out)["step"]
