@@ -30,7 +30,7 @@ test: install
 	$(PY) -m pytest -q
 
 # Benchmarks (issue #5): writes docs/benchmarks.md; QUICK=1 for a ~10-minute subset;
-# BENCH_ARGS passes options to bench/run.py (e.g. --train-steps 400 --n 100 for smaller items 5 and 6).
+# BENCH_ARGS passes options to bench/run.py (e.g. --train-steps 120 --n 50 for smaller items 5 and 6).
 # The peers (denoising-diffusion-pytorch, diffusers) go into their own venv, never into the project's:
 # it sees the project's packages (torch included) through a .pth file and adds only the peers.
 BENCH_VENV := .bench-venv
