@@ -27,7 +27,7 @@ def results(*, ancestral_1000: float, best: float, n: int = 50, train_steps: int
          "losses": {"blur 20 (sin2)": curve, "no blur": curve, quality.PEER: curve},
          "train_minutes": {"blur 20 (sin2)": 9.2, "no blur": 9.0, quality.PEER: None}}
     return {"blur": {"batch": 32, "params": 4.44e6, "blur 20": 1.19, "no blur": 1.22, "ratio": 0.98},
-            "sampler": {"batch": 16, "steps": 100, "sampler": 18.5, "network alone": 18.3, "outside": 0.011},
+            "sampler": {"batch": 16, "steps": 100, "sampler": 18.5, "network alone": 18.3, "outside": 0.011, "noise": 0.02},
             "peers": {"batch": 32, "images_per_s": ips, "flops_per_s": 1.6e11, "matmul_flops_per_s": 1.9e11,
                       "params": {"bdm": 4.44e6, "denoising-diffusion-pytorch": 4.64e6, "diffusers": 4.44e6}},
             "fid": {"n": 250, "bdm fid": 52.0, "pytorch_fid": 80.0, "speedup": 1.54, "fid_bdm": 115.3, "fid_pytorch_fid": 115.3},
@@ -65,3 +65,11 @@ def test_ema_horizon_follows_the_training_length():
     assert quality.ema_decay_for(120) == pytest.approx(1 - 10 / 120)
     assert quality.ema_decay_for(20) == 0.9  # a horizon of at least 10 steps
     assert quality.ema_decay_for(10**7) == 0.9999
+
+
+def test_sampler_overhead_within_the_timing_noise_is_not_a_verdict():
+    r = results(ancestral_1000=200.0, best=210.0)
+    r["sampler"] |= {"outside": 0.045, "noise": 0.09}
+    assert "spread over 9.0% of their median; the share is within it, so this run does not resolve the goal" in run.report(r, quick=True)
+    r["sampler"] |= {"outside": 0.011, "noise": 0.02}
+    assert "spread over 2.0% of their median." in run.report(r, quick=True)
