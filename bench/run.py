@@ -85,7 +85,7 @@ def peer_throughput(batch: int, rounds: int) -> dict | None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from bdm_cli.engine import dct2, precondition
-    from bdm_cli.train import bf16_native, bf16_network
+    from bdm_cli.train import bf16_network
 
     torch.manual_seed(0)
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
@@ -124,7 +124,7 @@ def peer_throughput(batch: int, rounds: int) -> dict | None:
     # diagnostics: what bdm has that the peers do not (dropout 0.1; the per-frequency preconditioning's DCTs)
     fns = {"bdm": bdm_step, "denoising-diffusion-pytorch": lucid_step, "diffusers": hf_step,
            "bdm, dropout 0": lambda: bdm_step(bdm_nodrop, "bdm0"), "bdm, no preconditioning": lambda: bdm_step(net)}
-    if bf16_native(torch.device("cpu")):  # bdm's default on such CPUs; the peers under the same autocast
+    if quality.BF16:  # bdm's default on such CPUs; the peers under the same autocast
         fns |= {"bdm bf16": lambda: bdm_step(bdm_bf16), "denoising-diffusion-pytorch bf16": lambda: lucid_step(True),
                 "diffusers bf16": lambda: hf_step(True)}
     alternate(fns, 1)
@@ -220,15 +220,13 @@ def memory(workdir: Path) -> dict:
 
 
 def machine() -> str:
-    from bdm_cli.train import bf16_native
-
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     # the same "AMD EPYC" may be an AVX2 or an AVX-512 BF16 part, which trains twice as fast (bf16)
-    bf16 = "native bf16" if bf16_native(torch.device("cpu")) else "no native bf16"
+    bf16 = "native bf16" if quality.BF16 else "no native bf16"
     return (f"{cpu} ({torch.backends.cpu.get_cpu_capability()}, {bf16}), {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
