@@ -1,9 +1,14 @@
-"""FID with pytorch-fid's InceptionV3 (the TF FID weights), streamed, cached, and exact to pytorch-fid.
+"""FID and KID with pytorch-fid's InceptionV3 (the TF FID weights), streamed, cached, and exact to pytorch-fid.
 
 Images go through the same path as ``python -m pytorch_fid``: decoded by PIL, converted to RGB,
 ``ToTensor`` (uint8 / 255), resized to 299 by the network (bilinear), pool3 features; the statistics
 are the mean and the (n - 1)-normalised covariance. The Frechet distance uses a symmetric
 eigendecomposition instead of ``scipy.linalg.sqrtm`` (whose ``disp`` argument scipy 1.18 removed).
+
+The Kernel Inception Distance (Binkowski et al., "Demystifying MMD GANs", ICLR 2018) is computed on the
+same features as clean-fid and torchmetrics compute it: the unbiased MMD^2 with the cubic polynomial kernel,
+mean and standard deviation over random subsets. Its subsets are drawn from a uniform reservoir sample of the
+feature rows, so memory stays flat for any number of images.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from .data import DataError, _image_names
 from .errors import UsageError, UserError
 from .io import atomic_write
 
-__all__ = ["frechet_distance", "FeatureStats", "inception", "stats_of", "ImageSource", "NAMED_REFS", "WEIGHTS_ENV"]
+__all__ = ["frechet_distance", "kernel_distance", "polynomial_mmd", "kid_subsets", "FeatureStats", "inception", "stats_of",
+           "ImageSource", "NAMED_REFS", "WEIGHTS_ENV"]
 
 WEIGHTS_ENV = "BDM_INCEPTION_WEIGHTS"
 NAMED_REFS = ("cifar10-train", "cifar10-test", "digits")
 DIMS = (64, 192, 768, 2048)
+RESERVOIR = 10_000  # feature rows kept for KID: 100 subsets of 1,000 draw from these (80 MB at 2048 dims, float32)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -46,17 +53,93 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-class FeatureStats:
-    """Streaming mean and covariance of feature rows (float64 sums: memory does not grow with n)."""
+def polynomial_mmd(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 of two equal-size feature sets under the cubic polynomial kernel
+    ``k(a, b) = (a.b / d + 1)^3`` (Binkowski et al. 2018, eq. 2 with their default kernel).
 
-    def __init__(self, dims: int):
+    The within-set sums leave out the diagonal ``k(x_i, x_i)``, whose expectation is not ``E k(x, x')``: that is
+    what makes the estimate unbiased (it can be negative when the sets are alike). The cross term keeps all m^2
+    pairs, as Binkowski et al.'s code, clean-fid and torchmetrics do (their "unbiased", not the "u-statistic")."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    m, d = x.shape
+    if y.shape != x.shape or m < 2:
+        raise ValueError(f"polynomial_mmd needs two sets of the same shape with at least 2 rows, got {x.shape} and {y.shape}")
+    k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.sum() / (m * m))
+
+
+def kid_subsets(n1: int, n2: int, *, subsets: int = 100, subset_size: int = 1000,
+                seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The row indices of each KID subset: ``subsets`` pairs of ``min(subset_size, n1, n2)`` indices into each set,
+    each drawn without replacement (as torchmetrics' ``randperm(n)[:m]``), from one seeded numpy Generator."""
+    if subsets < 1 or subset_size < 2:
+        raise UsageError(f"KID needs at least 1 subset of at least 2 images, got {subsets} subsets of {subset_size}")
+    if min(n1, n2) < 2:
+        raise UserError(f"KID needs at least 2 images in each set, got {n1} and {n2}")
+    m = min(subset_size, n1, n2)
+    rng = np.random.default_rng(seed)
+    for _ in range(subsets):
+        yield rng.choice(n1, m, replace=False), rng.choice(n2, m, replace=False)
+
+
+def kernel_distance(feats1, feats2, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018): ``(mean, std)`` of :func:`polynomial_mmd` over
+    ``subsets`` random subsets of ``min(subset_size, n1, n2)`` rows of each set (:func:`kid_subsets`).
+
+    Defaults are torchmetrics' (100 subsets of 1,000), and the std is its ``std(unbiased=False)``: the spread of
+    the subset estimates, not the standard error of their mean. Unlike FID, the estimate is unbiased at any n,
+    so KIDs of sets of different sizes compare. Deterministic for a ``seed``."""
+    f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
+        raise UserError(f"KID of features of different dimensions: {f1.shape} and {f2.shape}")
+    scores = np.array([polynomial_mmd(f1[i], f2[j])
+                       for i, j in kid_subsets(len(f1), len(f2), subsets=subsets, subset_size=subset_size, seed=seed)])
+    return float(scores.mean()), float(scores.std())
+
+
+class FeatureStats:
+    """Streaming mean and covariance of feature rows (float64 sums: memory does not grow with n), and a uniform
+    random sample of at most ``capacity`` of the rows themselves (float32) for KID.
+
+    The sample is Vitter's Algorithm R: row ``i`` (0-based) replaces a random kept row with probability
+    ``capacity / (i + 1)``, so every row is kept with the same probability whatever n turns out to be. Each row past
+    the capacity takes exactly one ``random()`` from a Generator seeded with ``seed``: the sample depends on the
+    rows and the seed only, not on how they were split into batches."""
+
+    def __init__(self, dims: int, capacity: int = RESERVOIR, seed: int = 0):
         self.n, self.s1, self.s2 = 0, np.zeros(dims), np.zeros((dims, dims))
+        self.capacity, self._rng, self._rows = capacity, np.random.default_rng(seed), None
 
     def add(self, feats: np.ndarray) -> None:
         feats = feats.astype(np.float64)
+        self._keep(feats)
         self.n += len(feats)
         self.s1 += feats.sum(0)
         self.s2 += feats.T @ feats
+
+    def _keep(self, feats: np.ndarray) -> None:
+        if self._rows is None:  # allocated once: growing by copies would double the peak
+            self._rows = np.empty((self.capacity, feats.shape[1]), np.float32)
+        free = max(0, min(len(feats), self.capacity - self.n))
+        self._rows[self.n: self.n + free] = feats[:free]
+        index = np.arange(self.n + free, self.n + len(feats))  # global indices of the rows past the capacity
+        if len(index):
+            slot = (self._rng.random(len(index)) * (index + 1)).astype(np.int64)  # uniform in 0..i
+            hit = slot < self.capacity
+            slot, rows = slot[hit], feats[free:][hit]
+            # Sequential semantics within a batch: of rows landing in the same slot, the last one stays.
+            _, last = np.unique(slot[::-1], return_index=True)
+            keep = len(slot) - 1 - last
+            self._rows[slot[keep]] = rows[keep]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The kept feature rows: all of them while ``n <= capacity``, else a uniform sample of ``capacity`` (a view:
+        no copy of up to 80 MB; later ``add`` calls change it)."""
+        if self._rows is None:
+            return np.empty((0, len(self.s1)), np.float32)
+        return self._rows[: min(self.n, self.capacity)]
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         if self.n < 2:
@@ -194,7 +277,8 @@ def _digits_uint8() -> torch.Tensor:
 @torch.inference_mode()
 def features(model: torch.nn.Module, batches: Iterable[torch.Tensor], dims: int, device,
              progress: Callable[[int], None] | None = None) -> FeatureStats:
-    """Stream batches of [B, 3, H, W] images in [0, 1] through the Inception into :class:`FeatureStats`."""
+    """Stream batches of [B, 3, H, W] images in [0, 1] through the Inception into :class:`FeatureStats`
+    (mean and covariance for FID, the reservoir of rows for KID)."""
     import torch.nn.functional as F
 
     stats = FeatureStats(dims)
@@ -219,10 +303,13 @@ def cache_dir() -> Path:
 
 
 def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, workers: int | None = None,
-             weights_id: str = "", use_cache: bool = True, progress=None, on_count=None) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(mu, sigma, n)`` of a folder, zip, ``.npz`` (``mu``, ``sigma``) or named reference (``cifar10-train``,
-    ``cifar10-test`` through torchvision, ``digits`` as the digits preset sees them); dataset statistics are
-    cached under ``$BDM_CACHE_DIR/fid`` keyed by the images' content, the dims and the weights."""
+             weights_id: str = "", use_cache: bool = True, progress=None,
+             on_count=None) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """``(mu, sigma, n, feats)`` of a folder, zip, ``.npz`` (``mu``, ``sigma``, optionally ``n`` and ``feats``) or
+    named reference (``cifar10-train``, ``cifar10-test`` through torchvision, ``digits`` as the digits preset sees
+    them). ``feats`` are the kept feature rows for KID (:attr:`FeatureStats.rows`), or None for a ``.npz`` without
+    them (pytorch-fid's, or one written before KID). Dataset statistics are cached under ``$BDM_CACHE_DIR/fid``
+    keyed by the images' content, the dims and the weights."""
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     path = Path(source)
     if source in NAMED_REFS:
@@ -234,7 +321,7 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
         with np.load(path) as f:
             if "mu" not in f or "sigma" not in f:
                 raise UserError(f"{path} has no 'mu' and 'sigma' arrays")
-            return f["mu"], f["sigma"], int(f["n"]) if "n" in f else -1
+            return f["mu"], f["sigma"], int(f["n"]) if "n" in f else -1, f["feats"] if "feats" in f else None
     elif path.exists():
         ds = ImageSource(path)
         key = hashlib.sha256(f"{ds.content_key()}:{dims}:{weights_id}".encode()).hexdigest() if use_cache else ""
@@ -247,14 +334,15 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
     cached = cache_dir() / f"{key}.npz"
     if use_cache and cached.is_file():
         with np.load(cached) as f:
-            if progress:
-                progress(count)
-            return f["mu"], f["sigma"], int(f["n"])
+            if "feats" in f:  # a cache entry written before KID has no features: compute it again
+                if progress:
+                    progress(count)
+                return f["mu"], f["sigma"], int(f["n"]), f["feats"]
     mu, sigma = (st := features(model, batches(), dims, device, progress)).result()
     if use_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        save_stats(cached, mu, sigma, st.n)
-    return mu, sigma, st.n
+        save_stats(cached, mu, sigma, st.n, st.rows)
+    return mu, sigma, st.n, st.rows
 
 
 def check_input(source: str) -> None:
@@ -263,7 +351,9 @@ def check_input(source: str) -> None:
         raise UserError(f"not found: {source} (a folder or zip of images, a .npz, or one of {', '.join(NAMED_REFS)})")
 
 
-def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int) -> Path:
+def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, feats: np.ndarray | None = None) -> Path:
+    """``mu``, ``sigma`` and ``n`` as pytorch-fid reads them, and ``feats`` (the kept feature rows, for KID) when given."""
+    arrays = dict(mu=mu, sigma=sigma, n=n) | ({} if feats is None else dict(feats=feats))
     with atomic_write(path) as f:
-        np.savez(f, mu=mu, sigma=sigma, n=n)
+        np.savez(f, **arrays)
     return Path(path)

@@ -26,6 +26,11 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def value(output: str, name: str) -> float:
+    """The number after ``FID:`` or ``KID:`` (the KID line follows the FID line)."""
+    return float(output.split(f"{name}:")[1].split()[0])
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
@@ -89,11 +94,10 @@ def test_oracle_through_the_sampling_path():
     cfg = load_config("tiny", ["diffusion.sigma_blur_max=20", "model.precondition=false", "sample.sampler=ancestral"])
     schedule = cfg.diffusion
     run = Run(cfg, oracle(schedule), None, 0, torch.device("cpu"))
-    # Gaussian data is not an image in [-1, 1]: no x clipping for it.
-    x = torch.cat(list(sample_batches(run, 2000, batch_size=1000, steps=1000, clip_denoised=False, clamp=False)))
+    x = torch.cat(list(sample_batches(run, 2000, batch_size=1000, steps=1000, clamp=False)))
     err = (dct2(x).std(0)[0] / SPEC - 1).abs()
     assert err.median() < 0.03 and err.max() < 0.1, (err.median(), err.max())
-    fast = torch.cat(list(sample_batches(run, 2000, batch_size=1000, steps=50, sampler="heun", clip_denoised=False, clamp=False)))
+    fast = torch.cat(list(sample_batches(run, 2000, batch_size=1000, steps=50, sampler="heun", clamp=False)))
     assert (dct2(fast).std(0)[0] / SPEC - 1).abs().median() < 0.05
 
 
@@ -170,16 +174,16 @@ def test_fid_equals_pytorch_fid_cli(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "pytorch_fid", str(a), str(b), "--device", "cpu", "--batch-size", "100"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    theirs = float(proc.stdout.split("FID:")[1])
+    theirs = float(proc.stdout.split("FID:")[1])  # pytorch-fid prints nothing after it
     monkeypatch.setenv("BDM_CACHE_DIR", str(tmp_path / "cache"))
     r = invoke("fid", a, b, "--inception-weights", weights, "--device", "cpu", "--save-stats", tmp_path / "a.npz")
     assert r.exit_code == 0, r.output
-    ours = float(r.output.split("FID:")[1])
+    ours, kid = value(r.output, "FID"), value(r.output, "KID")
     assert abs(ours - theirs) < 1e-3, (ours, theirs)
-    assert "rank-deficient" in r.output
-    # The saved statistics and the cache give the same number without the images.
+    assert "rank-deficient" in r.output and "over 100 subsets of 200 images" in r.output
+    # The saved statistics (with the KID features) and the cache give the same numbers without the images.
     r = invoke("fid", tmp_path / "a.npz", b, "--inception-weights", weights, "--device", "cpu")
-    assert r.exit_code == 0 and abs(float(r.output.split("FID:")[1]) - ours) < 1e-9
+    assert r.exit_code == 0 and abs(value(r.output, "FID") - ours) < 1e-9 and value(r.output, "KID") == kid
     assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 2
 
 
@@ -194,7 +198,9 @@ def test_fid_of_a_run_against_a_folder(tiny_run, tmp_path, monkeypatch):
     r = invoke("fid", "--run", tiny_run, "--ref", ref, "--n", 6, "--steps", 3, "--dims", 64, "--inception-weights", weights,
                "--out-dir", tmp_path / "samples")
     assert r.exit_code == 0, r.output
-    assert float(r.output.split("FID:")[1]) > 0 and len(list((tmp_path / "samples").glob("*.png"))) == 6
-    # Quantised exactly as the PNGs: scoring the written PNGs gives the same number.
+    assert value(r.output, "FID") > 0 and len(list((tmp_path / "samples").glob("*.png"))) == 6
+    assert "over 100 subsets of 6 images" in r.output  # the samples' features give KID too
+    # Quantised exactly as the PNGs: scoring the written PNGs gives the same numbers.
     r2 = invoke("fid", tmp_path / "samples", ref, "--dims", 64, "--inception-weights", weights, "--no-cache")
-    assert abs(float(r2.output.split("FID:")[1]) - float(r.output.split("FID:")[1])) < 1e-6
+    assert abs(value(r2.output, "FID") - value(r.output, "FID")) < 1e-6
+    assert abs(value(r2.output, "KID") - value(r.output, "KID")) < 1e-6
