@@ -265,7 +265,7 @@ def sample_cmd(
     out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Grid PNG (default grid.png unless --out-dir).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option(help="Also write one PNG per sample here (for FID).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the run's sample.steps).")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="ancestral | ddim | heun (default: the run's).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ancestral | ddim | heun | dpmpp-2m | unipc (default: the run's).")] = None,
     grid: Annotated[Optional[str], typer.Option(help="uniform | logsnr | spectral (default: the sampler's).")] = None,
     seed: Annotated[int, typer.Option(help="Sample i depends only on (seed, i).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per batch (does not change the samples).")] = 64,
@@ -322,7 +322,7 @@ def sample_cmd(
 
 @app.command("fid")
 def fid_cmd(
-    a: Annotated[Optional[str], typer.Argument(help="Folder or zip of images, .npz with mu/sigma, or cifar10-train / cifar10-test / digits.")] = None,
+    a: Annotated[Optional[str], typer.Argument(help="Folder or zip of images, .npz (mu/sigma, feats for KID), or cifar10-train / cifar10-test / digits.")] = None,
     b: Annotated[Optional[str], typer.Argument(help="The second input (omit with --save-stats or --run).")] = None,
     run: RunOpt = None,
     checkpoint: CkptOpt = None,
@@ -334,15 +334,17 @@ def fid_cmd(
     seed: Annotated[int, typer.Option(help="Sampling seed with --run.")] = 0,
     bf16: Annotated[bool, typer.Option("--bf16", help="With --run: bf16 autocast in the network (CUDA, CPUs with native bf16).")] = False,
     out_dir: Annotated[Optional[Path], typer.Option(help="With --run, also write the samples as PNGs here.")] = None,
-    save_stats: Annotated[Optional[Path], typer.Option(help="Write mu/sigma of the (first) input to this .npz.")] = None,
+    save_stats: Annotated[Optional[Path], typer.Option(help="Write mu/sigma (and the KID features) of the (first) input to this .npz.")] = None,
     dims: Annotated[int, typer.Option(help="Inception features: 2048 (standard), 768, 192 or 64.")] = 2048,
     inception_weights: Annotated[Optional[Path], typer.Option(help="FID Inception state dict (else $BDM_INCEPTION_WEIGHTS or pytorch-fid's download).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per Inception batch.")] = 200,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers (default: cores, up to 8).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write cached dataset statistics.")] = False,
+    kid_subsets: Annotated[int, typer.Option(help="KID: number of random subsets (mean and std over them).")] = 100,
+    kid_subset_size: Annotated[int, typer.Option(help="KID: images per subset (capped at the smaller set's size).")] = 1000,
 ):
-    """Frechet Inception Distance between two image sets, or of a model's samples (--run) against --ref."""
+    """Frechet and Kernel Inception Distances between two image sets, or of a model's samples (--run) against --ref."""
     import os
     import warnings
 
@@ -356,6 +358,10 @@ def fid_cmd(
         dev = resolve_device(device)
         if batch_size <= 0:
             raise UsageError(f"--batch-size must be positive, got {batch_size}")
+        if kid_subsets <= 0:
+            raise UsageError(f"--kid-subsets must be positive, got {kid_subsets}")
+        if kid_subset_size < 2:  # the unbiased estimate averages over pairs of distinct images
+            raise UsageError(f"--kid-subset-size must be at least 2, got {kid_subset_size}")
         sampling = run is not None or checkpoint is not None
         if sampling:
             _check_sampling(n, steps, sampler, grid, batch_size)
@@ -393,13 +399,31 @@ def fid_cmd(
         for label, st in (("first input", stats1), ("second input", stats2)):
             if st is not None and 0 <= st[2] < 2048:
                 console.print(f"[yellow]Warning:[/] {label} has {st[2]} images (< 2048): the covariance is rank-deficient "
-                              "and FID is biased upward", highlight=False)
+                              "and FID is biased upward (KID is not)", highlight=False)
         if save_stats is not None:
             fid.save_stats(save_stats, *stats1)
             out.print(f"Wrote {save_stats} ({stats1[2]} images)", highlight=False)
         if stats2 is not None:
             value = fid.frechet_distance(stats1[0], stats1[1], stats2[0], stats2[1])
             out.print(f"FID: {value:.4f}" if np.isfinite(value) else f"FID: {value}")
+            _print_kid(stats1[3], stats2[3], kid_subsets, kid_subset_size)
+
+
+def _print_kid(feats1, feats2, subsets: int, subset_size: int) -> None:
+    """The KID line, or a one-line note why there is none: FID stands on its own, so a missing KID is no error."""
+    from . import fid
+
+    if feats1 is None or feats2 is None:
+        which = "both inputs have" if feats1 is None and feats2 is None else f"the {'first' if feats1 is None else 'second'} input has"
+        console.print(f"[yellow]Note:[/] KID skipped: {which} only mu/sigma (.npz); KID needs the Inception features, which "
+                      "bdm fid IMAGES --save-stats FILE writes", highlight=False, soft_wrap=True)
+    elif min(len(feats1), len(feats2)) < 2:
+        console.print(f"[yellow]Note:[/] KID skipped: it needs at least 2 images in each set, got {len(feats1)} and {len(feats2)}",
+                      highlight=False, soft_wrap=True)
+    else:
+        mean, std = fid.kernel_distance(feats1, feats2, subsets=subsets, subset_size=subset_size)
+        m = min(subset_size, len(feats1), len(feats2))
+        out.print(f"KID: {mean:.6f} ± {std:.6f} (mean ± std over {subsets} subsets of {m} images)", highlight=False)
 
 
 def _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, bf16, batch_size, out_dir, model, dims, dev, counted, progress):
@@ -421,7 +445,7 @@ def _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, bf16, batch_
             yield fid.as_inception_input(x)
 
     st = fid.features(model, batches(), dims, dev, progress)
-    return (*st.result(), st.n)
+    return (*st.result(), st.n, st.rows)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from .checkpoint import CHECKPOINT, CheckpointError, checkpoint_config, load_che
 from .config import Config
 from .engine import Step, sample
 from .errors import UserError
-from .train import _load_weights, bf16_network, denoiser, resolve_device
+from .train import _load_weights, bf16_network, denoised_range, denoiser, resolve_device
 from .unet import build_model
 
 __all__ = ["Run", "load_run", "sample_batches", "sample_generators"]
@@ -71,8 +71,7 @@ def sample_generators(seed: int, indices: range, device: torch.device) -> list[t
 
 def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, steps: int | None = None,
                    sampler: str | None = None, grid: str | None = None, bf16: bool = False,
-                   callback: Callable[[int, Step], None] | None = None, clip_denoised: bool = True,
-                   clamp: bool = True) -> Iterator[torch.Tensor]:
+                   callback: Callable[[int, Step], None] | None = None, clamp: bool = True) -> Iterator[torch.Tensor]:
     """Yield batches of samples (float, on the CPU, clamped to [-1, 1] unless ``clamp=False``) for indices 0..n-1.
 
     ``callback(first_index, step)`` is called after every sampler step.
@@ -87,6 +86,7 @@ def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, st
         noise = torch.stack([torch.randn(shape, generator=g, device=run.device) for g in gens])
         x = sample(eps, noise, schedule, steps or cfg.sample.steps, sampler=sampler or cfg.sample.sampler,
                    grid=grid or cfg.sample.grid or None, generator=gens,
-                   callback=(lambda st, s0=start: callback(s0, st)) if callback else None, clip_denoised=clip_denoised)
+                   callback=(lambda st, s0=start: callback(s0, st)) if callback else None,
+                   denoised_range=denoised_range(run.stats))
         yield (x.float().clamp(-1, 1) if clamp else x.float()).cpu()
 

@@ -28,7 +28,8 @@ from .errors import UserError
 from .io import make_grid, save_png
 from .unet import build_model
 
-__all__ = ["lr_at", "ema_update", "train", "preview_grid", "StepBatches", "resolve_device", "Dist"]
+__all__ = ["lr_at", "ema_update", "train", "preview_grid", "StepBatches", "resolve_device", "Dist", "data_stats",
+           "denoised_range"]
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
@@ -136,18 +137,30 @@ def _main_thread() -> bool:
 
 @torch.no_grad()
 def data_stats(data, max_images: int = 10_000, batch: int = 500) -> dict[str, torch.Tensor]:
-    """Per-frequency mean and variance of ``DCT(x)`` over (up to ``max_images`` of) the data, float32 [C, H, W]."""
+    """Per-frequency mean, variance, minimum and maximum of ``DCT(x)`` over (up to ``max_images`` of) the data,
+    float32 [C, H, W]: the Gaussian of the preconditioner and the bounds of the samplers' x prediction."""
     idx = torch.linspace(0, len(data) - 1, min(len(data), max_images)).long().tolist()
-    n, s1, s2 = 0, 0.0, 0.0
+    n, s1, s2, low, high = 0, 0.0, 0.0, None, None
     for i in range(0, len(idx), batch):
         x = collate_valid([data[j] for j in idx[i : i + batch]])
         if len(x):
             u = dct2(x.double())
             n, s1, s2 = n + len(u), s1 + u.sum(0), s2 + (u**2).sum(0)
+            low = u.amin(0) if low is None else torch.minimum(low, u.amin(0))
+            high = u.amax(0) if high is None else torch.maximum(high, u.amax(0))
     if n == 0:
         raise UserError("none of the dataset's images could be read")
     mean = s1 / n
-    return {"mean_u": mean.float(), "var_u": (s2 / n - mean**2).clamp(min=1e-8).float()}
+    return {"mean_u": mean.float(), "var_u": (s2 / n - mean**2).clamp(min=1e-8).float(), "min_u": low.float(),
+            "max_u": high.float()}
+
+
+def denoised_range(stats: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The data's per-frequency range that bounds the samplers' x prediction (engine ``sample(denoised_range=)``);
+    None for checkpoints written before the range was stored."""
+    if not stats or "min_u" not in stats:
+        return None
+    return stats["min_u"], stats["max_u"]
 
 
 def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0, stats: dict | None = None) -> torch.Tensor:
@@ -155,7 +168,7 @@ def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0, 
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(n, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, generator=g, device=device)
     x = sample(denoiser(ema, cfg, stats), noise, cfg.diffusion, cfg.sample.preview_steps,
-               sampler=cfg.sample.sampler, grid=cfg.sample.grid or None, generator=g)
+               sampler=cfg.sample.sampler, grid=cfg.sample.grid or None, generator=g, denoised_range=denoised_range(stats))
     return make_grid(x.clamp(-1, 1).float().cpu())
 
 
@@ -229,7 +242,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     network = bf16_network(net, device, tc.bf16)
     schedule = cfg.diffusion
     data = make_dataset(cfg.data.dataset, cfg.data.resolution, cfg.data.channels, cfg.data.split)
-    stats = (state.get("data_stats") if resume else None) or (data_stats(data) if cfg.model.precondition else None)
+    stats = (state.get("data_stats") if resume else None) or data_stats(data)
     stats = {k: v.to(device) for k, v in stats.items()} if stats else None
     eps_model = denoiser(network, cfg, stats)
     batches = StepBatches(len(data), tc.batch_size, tc.seed, step, tc.steps, ddp.rank, ddp.world)
