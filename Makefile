@@ -4,8 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 BDM    := $(VENV)/bin/bdm
 OUT    ?= demo_out
+# The demo's run goes where `bdm sample` looks without --run (the newest runs/*/).
+DEMO_RUN ?= runs/demo
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench study install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +23,11 @@ demo: install
 	  Image.fromarray((load_digits().images[0] * 255 / 16).astype(np.uint8)).save('$(OUT)/digit.png')"
 	$(BDM) blur-preview $(OUT)/digit.png --preset digits --out $(OUT)/blur_preview.png
 	$(BDM) schedule-plot --preset digits --compare 0,2,4 --out $(OUT)/schedule.png --csv $(OUT)/schedule.csv
-	rm -rf $(OUT)/digits
-	$(BDM) train --preset digits --device cpu --out $(OUT)/digits
-	cp $(OUT)/digits/samples/final.png $(OUT)/samples.png
-	@echo "Sample grid: $(OUT)/samples.png"
+	rm -rf $(DEMO_RUN)
+	$(BDM) train --preset digits --device cpu --out $(DEMO_RUN)
+	cp $(DEMO_RUN)/samples/final.png $(OUT)/samples.png
+	@echo "Sample grid: $(OUT)/samples.png (the run: $(DEMO_RUN))"
+	@echo "More samples of it: . $(VENV)/bin/activate && bdm sample --n 64 --out grid.png"
 
 test: install
 	$(PY) -m pytest -q
@@ -43,6 +46,11 @@ $(BENCH_VENV)/.installed: $(VENV)/.installed
 
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/run.py $(if $(QUICK),--quick --skip-quality,) $(BENCH_ARGS)
+	$(if $(QUICK),,$(BENCH_VENV)/bin/python bench/study.py $(STUDY_ARGS))
+
+# Items 8 and 9 alone (issues #10, #11): the converged digits study, <= 2 hours on 2 cores; resumes from runs/study.
+study: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python bench/study.py $(STUDY_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
