@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bdm_cli import fid  # noqa: E402
+from bdm_cli.engine import nfe  # noqa: E402
 from bdm_cli.generate import load_run, sample_batches  # noqa: E402
 from bdm_cli.io import atomic_write  # noqa: E402
 from bdm_cli.train import bf16_native  # noqa: E402
@@ -42,11 +43,6 @@ ISSUE_N = 2000  # samples per FID
 # bf16 autocast for every model (bdm and the peer) only where this CPU computes bf16 natively, as bdm decides.
 BF16 = bf16_native(torch.device("cpu"))
 SAMPLERS = [("ancestral", "uniform"), ("ddim", "logsnr"), ("ddim", "spectral"), ("heun", "logsnr"), ("heun", "spectral")]
-
-
-def nfe(sampler: str, steps: int) -> int:
-    """Network evaluations: Heun corrects every step but the last (engine.sampling)."""
-    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 def slug(name: str) -> str:

@@ -28,7 +28,7 @@ def result(peer_kid: float, demo_saturated: float = 0.97) -> dict:
 
     rows = {"bdm, blur 0 (sin2)": row(8.0, 0.0015), "bdm, blur 2 (sin2)": row(9.0, 0.0012),
             "bdm, blur 2 (linear)": row(10.0, 0.002), study.PEER: row(12.0, peer_kid)}
-    sweep = {s: {e: metrics(10.0 + e / 100, 0.002) for e in (5, 10, 20, 49 if s == "heun" else 50)} for s in study.SWEEP_SAMPLERS}
+    sweep = {s: {e: metrics(10.0 + e / 100, 0.002) for e in (4 if s == "heun" else 5, 10, 20, 50)} for s in study.SWEEP_SAMPLERS}
     sweep["ancestral"][1000] = metrics(9.5, 0.0015)
     demo = {**metrics(10.0, 0.002, saturated=demo_saturated), "sampler": "ancestral", "steps": 100, "train_steps": 1800,
             "sigma_blur_max": 2.0}
