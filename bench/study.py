@@ -375,7 +375,7 @@ def grids(result: dict, scores: Scores, args) -> None:
             panels.append((name, next(sample_batches(r, 32, steps=args.sample_steps, sampler=args.sampler))))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6), dpi=120)
     for ax, (name, x) in zip(axes, panels):
-        ax.imshow(make_grid(x, nrow=4).permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=255)
+        ax.imshow(make_grid(x, nrow=4).permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=-1, vmax=1)  # make_grid keeps [-1, 1]
         ax.set_title(name.replace("bdm, ", ""), fontsize=7)
         ax.axis("off")
     fig.tight_layout()
