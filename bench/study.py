@@ -14,7 +14,7 @@ Digits at 16x16 (the 1,797 images bundled with scikit-learn), trained to converg
     python bench/study.py --smoke          # the same code at a toy scale, in a few minutes
 
 Item 9 (issue #11) samples the best blurred model of item 8 with every sampler at 5 to 50 network evaluations.
-Trainings resume (``bdm train --resume``; the peer from its last milestone) and every score is cached in
+bdm's trainings resume (``bdm train --resume``; the peer's starts over) and every score is cached in
 <work>/scores.json, so the study can be stopped and continued. It writes <work>/study.json, the plots
 docs/study_*.png and its section of docs/benchmarks.md (between the ``study`` markers; bench/run.py keeps it).
 tests/test_bench_study.py checks the report on synthetic results.
@@ -136,32 +136,25 @@ def digits_folder(work: Path) -> Path:
 
 def train_peer(args, work: Path) -> Path:
     """Its ``Trainer``, defaults but for what must match bdm's rows (batch, lr, float32, no flips, images seen):
-    it saves model-<k>.pt at each milestone; a re-run continues from the last one."""
+    it saves model-<k>.pt at each milestone. A stopped run starts over: its Trainer writes no loss record along the
+    way, and the loss curve and the minutes need the whole run (losses.json is written at the end)."""
     from denoising_diffusion_pytorch import Trainer
 
     out = work / slug(PEER)
     steps = milestones(args)
-    done = [k for k in range(1, len(steps) + 1) if (out / f"model-{k}.pt").exists()]
-    if len(done) == len(steps):
+    losses_file = out / "losses.json"
+    if losses_file.exists() and all((out / f"model-{k}.pt").exists() for k in range(1, len(steps) + 1)):
         return out
     diffusion = peer_objects(args)
     trainer = Trainer(diffusion, str(digits_folder(work)), train_batch_size=args.batch_size, train_lr=args.lr,
                       train_num_steps=args.steps, save_and_sample_every=steps[0], num_samples=4,
                       results_folder=str(out), amp=False, calculate_fid=False, augment_horizontal_flip=False,
                       convert_image_to="L")
-    losses_file = out / "losses.json"
-    if done:
-        trainer.load(done[-1])
-        saved = json.loads(losses_file.read_text())
-        type(diffusion).losses[:] = saved["losses"][: trainer.step]
-        seconds = saved["seconds"]
-    else:
-        seconds = 0.0
     print(f"[{PEER}] train from step {trainer.step} to {args.steps}", flush=True)
     t0 = time.perf_counter()
     trainer.train()
     with atomic_write(losses_file, "w") as f:
-        json.dump({"losses": type(diffusion).losses, "seconds": seconds + time.perf_counter() - t0}, f)
+        json.dump({"losses": type(diffusion).losses, "seconds": time.perf_counter() - t0}, f)
     return out
 
 
