@@ -89,12 +89,12 @@ def bdm_log(run: Path) -> tuple[list[tuple[int, float]], float]:
     return [(r["step"], r["loss"]) for r in rows], seconds / 60
 
 
-def peer_model(image_size: int = 32):
-    """denoising-diffusion-pytorch at cifar10_cpu's size: Unet(dim 60, mults 1,2,2) has 4.64M parameters (bdm: 4.44M)."""
-    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+def recorded_diffusion(net, **kwargs):
+    """denoising-diffusion-pytorch's GaussianDiffusion around ``net``, its own loss recorded per step in ``.losses``
+    for the loss curve (its Trainer only shows it in tqdm)."""
+    from denoising_diffusion_pytorch import GaussianDiffusion
 
     class Recorded(GaussianDiffusion):
-        """Its own loss, recorded per step for the loss curve (the Trainer only shows it in tqdm)."""
         losses: list[float] = []
 
         def forward(self, img, *a, **k):
@@ -103,8 +103,15 @@ def peer_model(image_size: int = 32):
                 self.losses.append(loss.item())
             return loss
 
-    return Recorded(Unet(dim=60, dim_mults=(1, 2, 2), flash_attn=False), image_size=image_size, timesteps=1000,
-                    sampling_timesteps=25)
+    return Recorded(net, **kwargs)
+
+
+def peer_model(image_size: int = 32):
+    """denoising-diffusion-pytorch at cifar10_cpu's size: Unet(dim 60, mults 1,2,2) has 4.64M parameters (bdm: 4.44M)."""
+    from denoising_diffusion_pytorch import Unet
+
+    return recorded_diffusion(Unet(dim=60, dim_mults=(1, 2, 2), flash_attn=False), image_size=image_size, timesteps=1000,
+                              sampling_timesteps=25)
 
 
 def train_peer(args, work: Path) -> Path:

@@ -10,7 +10,7 @@ Digits at 16x16 (the 1,797 images bundled with scikit-learn), trained to converg
 * the floor: the same metrics between two halves of the digits, which no model can beat by much.
 
     python bench/study.py                  # the whole study; resumes from its caches under --work
-    python bench/study.py --demo demo_out  # also scores the run `make demo` wrote (issue #10, point 3)
+    python bench/study.py --demo runs/demo # also scores the run `make demo` wrote (issue #10, point 3)
     python bench/study.py --smoke          # the same code at a toy scale, in a few minutes
 
 Item 9 (issue #11) samples the best blurred model of item 8 with every sampler at 5 to 50 network evaluations.
@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")  # the peer's progress bars would swamp the log
 
+import quality  # noqa: E402  bench/quality.py beside this file
 from bdm_cli import fid  # noqa: E402
 from bdm_cli.data import load_digits  # noqa: E402
 from bdm_cli.generate import load_run, sample_batches  # noqa: E402
@@ -102,21 +103,12 @@ def bdm_log(run: Path, batch: int) -> tuple[list[tuple[int, float]], float]:
 
 def peer_objects(args):
     """denoising-diffusion-pytorch at the digits preset's size, 1 channel, 16 px; its loss recorded per step."""
-    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
-
-    class Recorded(GaussianDiffusion):
-        losses: list[float] = []
-
-        def forward(self, img, *a, **k):
-            loss = super().forward(img, *a, **k)
-            if self.training:
-                self.losses.append(loss.item())
-            return loss
+    from denoising_diffusion_pytorch import Unet
 
     dim = 8 if args.smoke else args.peer_dim
     net = Unet(dim=dim, dim_mults=(1, 2), channels=1, flash_attn=False)
     # its default sampler is ancestral over all 1000 steps; its own DDIM at the rows' network evaluations instead
-    return Recorded(net, image_size=16, timesteps=1000, sampling_timesteps=args.peer_sample_steps)
+    return quality.recorded_diffusion(net, image_size=16, timesteps=1000, sampling_timesteps=args.peer_sample_steps)
 
 
 def digits_folder(work: Path) -> Path:

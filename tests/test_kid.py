@@ -5,22 +5,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from bdm_cli import fid
-from bdm_cli.cli import app
 
 from .conftest import shared_file
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def value(output: str, name: str) -> float:
-    return float(output.split(f"{name}:")[1].split()[0])
+from .test_sample_fid import invoke, value
 
 
 @pytest.fixture(scope="module")
