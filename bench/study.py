@@ -172,6 +172,7 @@ class Scores:
             with atomic_write(cached, "wb") as f:
                 np.save(f, self.feats_of(self.data))
         self.data_feats = np.load(cached)
+        self.data_moments = self.data_feats.mean(0), np.cov(self.data_feats, rowvar=False)
         self.data_stats = image_statistics(self.data)
 
     def feats_of(self, x: torch.Tensor) -> np.ndarray:
@@ -180,9 +181,14 @@ class Scores:
         return fid.features(self.inception, batches, 2048, "cpu").rows.astype(np.float64)
 
     def metrics(self, feats: np.ndarray, x: torch.Tensor, ref_feats: np.ndarray, ref_stats: dict, subsets: int) -> dict:
-        value = fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref_feats.mean(0), np.cov(ref_feats, rowvar=False))
+        ref_mu, ref_sigma = self.moments(ref_feats)
+        value = fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref_mu, ref_sigma)
         kid, kid_std = fid.kernel_distance(feats, ref_feats, subsets=subsets, subset_size=self.args.kid_subset_size)
         return {"fid": value, "kid": kid, "kid_std": kid_std, "n": len(x), **compare(x, ref_stats)}
+
+    def moments(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and covariance of features; the digits' (every row's reference) are computed once."""
+        return self.data_moments if feats is self.data_feats else (feats.mean(0), np.cov(feats, rowvar=False))
 
     def get(self, key: str, draw, n: int) -> dict:
         """Metrics of ``n`` samples from ``draw()``; the curve's point (the first ``curve_n`` of them) comes with it."""
