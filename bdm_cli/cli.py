@@ -272,6 +272,7 @@ def sample_cmd(
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast in the network (CUDA, CPUs with native bf16).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (pays off for many batches on a GPU).")] = False,
     trajectory: Annotated[Optional[Path], typer.Option(help="Also write a strip of the predicted x over the steps for 8 samples.")] = None,
 ):
     """Draw samples from a trained run: a grid, and/or one PNG per sample."""
@@ -304,7 +305,7 @@ def sample_cmd(
         with _progress("sample") as bar:
             task = bar.add_task("sample", total=-(-n // batch_size) * k)
             for b, x in enumerate(sample_batches(r, n, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler,
-                                                 grid=grid, bf16=bf16, callback=snap)):
+                                                 grid=grid, bf16=bf16, callback=snap, compile=compile)):
                 if out_dir is not None:
                     save_numbered(x, out_dir, b * batch_size)
                 if grid_path is not None and sum(map(len, images)) < GRID_MAX:
@@ -352,7 +353,7 @@ def fid_cmd(
 
     from . import fid
     from .io import check_writable
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     with user_errors():
         dev = resolve_device(device)

@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True  # bf16 autocast in the network on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX)
     skip_nonfinite: bool = False  # skip (and count) batches whose loss is NaN/inf instead of stopping
+    compile: str = "auto"  # torch.compile the network: true | false | auto (on CUDA only; compiling costs minutes on a CPU)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Config:
         """Check cross-field constraints; raises ConfigError."""
         checks = [
             (self.sample.sampler in SAMPLERS, f"sample.sampler must be one of {', '.join(SAMPLERS)}"),
+            (self.train.compile.lower() in ("auto", "true", "false"), "train.compile must be auto, true or false"),
             (self.sample.grid in ("",) + GRIDS, f"sample.grid must be empty or one of {', '.join(GRIDS)}"),
             (self.data.resolution >= 4, "data.resolution must be >= 4"),
             (self.data.channels in (1, 3), "data.channels must be 1 or 3"),

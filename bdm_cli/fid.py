@@ -160,11 +160,14 @@ def _weights_path(path: str | Path | None) -> Path | None:
 
 def inception(dims: int = 2048, weights: str | Path | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
     """pytorch-fid's FID InceptionV3 returning pool features of ``dims``; weights from ``weights``,
-    ``$BDM_INCEPTION_WEIGHTS``, or pytorch-fid's own download into the torch hub cache."""
+    ``$BDM_INCEPTION_WEIGHTS``, or pytorch-fid's own download into the torch hub cache (``weights="random"``: seeded
+    random weights, for timings only)."""
     import pytorch_fid.inception as pfi
 
     if dims not in DIMS:
         raise UsageError(f"--dims must be one of {', '.join(map(str, DIMS))}, got {dims}")
+    if weights == "random":
+        return _random_inception(dims).to(device).eval().to(memory_format=torch.channels_last)
     path = _weights_path(weights)
     original = pfi.load_state_dict_from_url
     if path is not None:
@@ -184,6 +187,27 @@ def inception(dims: int = 2048, weights: str | Path | None = None, device: str |
         pfi.load_state_dict_from_url = original
     # channels_last: 1.55x faster on CPU (oneDNN), features equal to 6e-6, FID unchanged to 1e-3.
     return model.to(device).eval().to(memory_format=torch.channels_last)
+
+
+def _random_inception(dims: int) -> torch.nn.Module:
+    """The same architecture with seeded random weights, for timings and device checks where the real weights are not
+    at hand (GPU machines get no 91 MB file): its FIDs mean nothing. pytorch-fid always loads a state dict into
+    torchvision's Inception3, so that one load is skipped."""
+    import pytorch_fid.inception as pfi
+    from torchvision.models.inception import Inception3
+
+    original = pfi.load_state_dict_from_url, Inception3.load_state_dict
+    pfi.load_state_dict_from_url, Inception3.load_state_dict = (lambda *a, **k: {}), (lambda self, *a, **k: None)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d):  # He init keeps the activations' scale through 94 convolutions
+                    torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            return model
+    finally:
+        pfi.load_state_dict_from_url, Inception3.load_state_dict = original
 
 
 # -- image sources ----------------------------------------------------------------------------
@@ -279,19 +303,26 @@ def features(model: torch.nn.Module, batches: Iterable[torch.Tensor], dims: int,
              progress: Callable[[int], None] | None = None) -> FeatureStats:
     """Stream batches of [B, 3, H, W] images in [0, 1] through the Inception into :class:`FeatureStats`
     (mean and covariance for FID, the reservoir of rows for KID)."""
+    stats = FeatureStats(dims)
+    # TF32 convolutions (cuDNN's default on Ampere and later) move pool features by ~1e-3; FID on a GPU should
+    # equal the CPU's, so the Inception runs in full float32.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for x in batches:
+            _add_features(model, x, device, stats, progress)
+    return stats
+
+
+def _add_features(model, x: torch.Tensor, device, stats: FeatureStats, progress) -> None:
     import torch.nn.functional as F
 
-    stats = FeatureStats(dims)
-    for x in batches:
-        if len(x) == 0:
-            continue
-        pred = model(x.to(device).contiguous(memory_format=torch.channels_last))[0]
-        if pred.shape[-1] != 1:
-            pred = F.adaptive_avg_pool2d(pred, (1, 1))
-        stats.add(pred.flatten(1).double().cpu().numpy())
-        if progress:
-            progress(len(x))
-    return stats
+    if len(x) == 0:
+        return
+    pred = model(x.to(device).contiguous(memory_format=torch.channels_last))[0]
+    if pred.shape[-1] != 1:
+        pred = F.adaptive_avg_pool2d(pred, (1, 1))
+    stats.add(pred.flatten(1).double().cpu().numpy())
+    if progress:
+        progress(len(x))
 
 
 def _loader(ds, batch_size: int, workers: int) -> Iterator[torch.Tensor]:

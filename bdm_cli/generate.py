@@ -12,7 +12,7 @@ from .checkpoint import CHECKPOINT, CheckpointError, checkpoint_config, load_che
 from .config import Config
 from .engine import Step, sample
 from .errors import UserError
-from .train import _load_weights, bf16_network, denoised_range, denoiser, resolve_device
+from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device
 from .unet import build_model
 
 __all__ = ["Run", "load_run", "sample_batches", "sample_generators"]
@@ -26,9 +26,10 @@ class Run:
     step: int
     device: torch.device
 
-    def denoiser(self, bf16: bool = False):
-        """The eps predictor for sampling; ``bf16`` autocasts the network where the device does bf16 natively."""
-        model = self.model
+    def denoiser(self, bf16: bool = False, compile: bool = False):
+        """The eps predictor for sampling; ``bf16`` autocasts the network where the device does bf16 natively,
+        ``compile`` runs it through ``torch.compile`` (pays off for many batches of one size on a GPU)."""
+        model = compiled(self.model, str(compile), self.device)
 
         def network(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             # channels_last: sampling cifar10_cpu on a 2-core CPU runs 1.4x faster in float32 (1.1x in bf16).
@@ -57,7 +58,7 @@ def load_run(path: Path, *, ema: bool = True, device: str = "auto") -> Run:
     key = "ema" if ema else "model"
     if key not in state:
         raise CheckpointError(f"{path} has no {key!r} weights")
-    _load_weights(model, state[key])
+    load_weights(model, state[key])
     stats = {k: v.to(dev) for k, v in state.get("data_stats", {}).items()} or None
     if cfg.model.precondition and not stats:
         raise CheckpointError(f"{path} was trained with model.precondition but holds no data_stats")
@@ -71,14 +72,15 @@ def sample_generators(seed: int, indices: range, device: torch.device) -> list[t
 
 def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, steps: int | None = None,
                    sampler: str | None = None, grid: str | None = None, bf16: bool = False,
-                   callback: Callable[[int, Step], None] | None = None, clamp: bool = True) -> Iterator[torch.Tensor]:
+                   callback: Callable[[int, Step], None] | None = None, clamp: bool = True,
+                   compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield batches of samples (float, on the CPU, clamped to [-1, 1] unless ``clamp=False``) for indices 0..n-1.
 
     ``callback(first_index, step)`` is called after every sampler step.
     """
     cfg = run.cfg
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-    eps = run.denoiser(bf16)
+    eps = run.denoiser(bf16, compile)
     schedule = cfg.diffusion
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))

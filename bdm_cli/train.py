@@ -23,13 +23,13 @@ import torch.distributed as dist
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, write_config
 from .config import Config, to_dict
 from .data import collate_valid, make_dataset
-from .engine import dct2, eps_loss, precondition, sample
+from .engine import dct2, eps_loss, sample
 from .errors import UserError
 from .io import make_grid, save_png
+from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device
 from .unet import build_model
 
-__all__ = ["lr_at", "ema_update", "train", "preview_grid", "StepBatches", "resolve_device", "Dist", "data_stats",
-           "denoised_range"]
+__all__ = ["lr_at", "ema_update", "nonfinite", "make_optimizer", "train_step", "train", "preview_grid", "StepBatches", "Dist", "data_stats"]
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
@@ -38,12 +38,52 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * model`` for parameters; buffers are copied."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float | torch.Tensor) -> None:
+    """``ema <- ema + (1 - decay) (model - ema)`` for parameters (a lerp, as in EDM), as three foreach kernels;
+    buffers are copied. ``decay`` may be a 0-d tensor on the device (1 where a step was skipped): foreach_lerp_ takes
+    no tensor weight (it would read it to the host, a sync), foreach_mul_ does."""
+    ema_params = list(ema.parameters())
+    weight = torch.as_tensor(1 - decay, dtype=torch.float32, device=ema_params[0].device)
+    delta = torch._foreach_sub([p.detach() for p in model.parameters()], ema_params)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(ema_params, delta)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def nonfinite(loss: torch.Tensor, params: list[torch.Tensor], grad_clip: float) -> torch.Tensor:
+    """1.0 where this step must not reach the weights (a NaN/inf loss or gradient), else 0.0: a 0-d float32 tensor on
+    the loss's device, so the check costs no host-device synchronisation. Clips the gradients to ``grad_clip``
+    (0: no clipping) on the way, since both need the gradient norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0
+            else torch.nn.utils.get_total_norm(grads))
+    return (~(torch.isfinite(loss.detach()) & torch.isfinite(norm))).float()
+
+
+def make_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
+    """AdamW, fused: one kernel per update, and it skips a non-finite step on the device (``found_inf``)."""
+    return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+
+
+def train_step(eps_model, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               t: torch.Tensor, noise: torch.Tensor, schedule, *, lr: float, grad_clip: float, ema_decay: float,
+               distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update from a batch, entirely on the device: the eps loss, backward, clipping, the fused AdamW step and
+    the EMA. A non-finite loss or gradient (on any rank) skips the update and the EMA without a host sync.
+    Returns ``(loss, skipped)``, 0-d tensors (``skipped`` 1.0 or 0.0). ``opt`` must be fused (it reads ``found_inf``)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = eps_loss(eps_model, x, t, noise, schedule)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    bad = nonfinite(loss, list(model.parameters()), grad_clip)
+    if distributed:  # ranks skip together (an asynchronous collective, no host sync)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    opt.found_inf = bad  # the fused optimizer skips the update on the device where it is 1 (GradScaler's hook)
+    opt.step()
+    ema_update(ema, model, torch.where(bad > 0, 1.0, ema_decay))  # a skipped step leaves the EMA as it is
+    return loss.detach(), bad
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -74,27 +114,17 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    distributed: bool = False  # started by torchrun: a process group and DistributedDataParallel, even for one process
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but CUDA is not available")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    if name != "cpu" and not name.startswith("mps"):
-        raise UserError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)")
-    return torch.device(name)
-
-
 def init_distributed(device_name: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: nccl on GPUs, gloo on CPUs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: nccl on GPUs, gloo on CPUs (also for one process, so that
+    ``torchrun --nproc_per_node 1`` runs the same DistributedDataParallel path as eight)."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return Dist()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = resolve_device(device_name, local).type == "cuda"
@@ -102,7 +132,7 @@ def init_distributed(device_name: str) -> Dist:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local)
+    return Dist(dist.get_rank(), dist.get_world_size(), local, True)
 
 
 class _Stop:
@@ -155,14 +185,6 @@ def data_stats(data, max_images: int = 10_000, batch: int = 500) -> dict[str, to
             "max_u": high.float()}
 
 
-def denoised_range(stats: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The data's per-frequency range that bounds the samplers' x prediction (engine ``sample(denoised_range=)``);
-    None for checkpoints written before the range was stored."""
-    if not stats or "min_u" not in stats:
-        return None
-    return stats["min_u"], stats["max_u"]
-
-
 def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0, stats: dict | None = None) -> torch.Tensor:
     """An EMA sample grid with the engine's sampler at ``sample.preview_steps`` (same noise every time)."""
     g = torch.Generator(device).manual_seed(seed)
@@ -170,33 +192,6 @@ def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0, 
     x = sample(denoiser(ema, cfg, stats), noise, cfg.diffusion, cfg.sample.preview_steps,
                sampler=cfg.sample.sampler, grid=cfg.sample.grid or None, generator=g, denoised_range=denoised_range(stats))
     return make_grid(x.clamp(-1, 1).float().cpu())
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: CUDA, or a CPU with AVX-512/AMX bf16 through oneDNN. Elsewhere
-    bf16 is emulated and slower than float32, so autocast stays off."""
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def bf16_network(net, device: torch.device, enabled: bool):
-    """``net`` under bf16 autocast when enabled and ``device`` does bf16 natively: bf16 only inside the network,
-    the DCT and the loss stay in float32. On a 2-core AVX-512 BF16 CPU it trains cifar10_cpu 2.0x faster and
-    digits 1.5x (bench/, docs/benchmarks.md); very small nets (the tiny preset) are slower, so it turns it off."""
-    if not (enabled and bf16_native(device)):
-        return net
-
-    def network(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return net(z, t)
-
-    return network
-
-
-def denoiser(net, cfg: Config, stats: dict | None):
-    """The eps predictor the engine trains and samples: the network, preconditioned when the config says so."""
-    if not (cfg.model.precondition and stats):
-        return net
-    return precondition(net, cfg.diffusion, stats["mean_u"], stats["var_u"])
 
 
 def final_grid(ema, cfg: Config, device: torch.device, seed: int = 0, stats: dict | None = None) -> torch.Tensor:
@@ -224,22 +219,22 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = build_model(cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = make_optimizer(model, tc)
     torch.manual_seed(tc.seed + ddp.rank)  # dropout differs per rank
     gen = torch.Generator(device).manual_seed(tc.seed * 1000 + ddp.rank)  # t, noise and flips
     step = 0
     if resume:
         state = load_checkpoint(run_dir / CHECKPOINT)
-        _load_weights(model, state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
+        load_weights(model, state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
         step = int(state["step"])
         rng = state["rng"]
         if len(rng["gen"]) == ddp.world:
             gen.set_state(rng["gen"][ddp.rank]), torch.set_rng_state(rng["torch"][ddp.rank])
     if cuda:
         model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if ddp.world > 1 else model
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if ddp.distributed else model
 
-    network = bf16_network(net, device, tc.bf16)
+    network = bf16_network(compiled(net, tc.compile, device), device, tc.bf16)
     schedule = cfg.diffusion
     data = make_dataset(cfg.data.dataset, cfg.data.resolution, cfg.data.channels, cfg.data.split)
     stats = (state.get("data_stats") if resume else None) or data_stats(data)
@@ -268,9 +263,39 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
                                                    "step": step, "config": to_dict(cfg), "rng": rng,
                                                    "data_stats": {k: v.cpu() for k, v in stats.items()} if stats else {}})
 
-    loss_sum, loss_n, last_loss, stopped_by = torch.zeros((), device=device), 0, math.nan, None
-    skipped_batches = skipped_images = 0
+    # Per-step scalars stay on the device and are read only at log and checkpoint steps: a GPU then never waits
+    # for the host between steps (no .item() in the steady state).
+    zero = lambda: torch.zeros((), device=device)  # noqa: E731
+    loss_sum, loss_n, skipped, first_skipped = zero(), zero(), zero(), torch.full((), -1, device=device)
+    last_loss, stopped_by, skipped_batches, skipped_images = math.nan, None, 0, 0
     tick, tick_step = time.perf_counter(), step
+
+    def settle() -> None:
+        """Read the device's counters (one sync); a non-finite step stops training unless skipping was asked for."""
+        nonlocal skipped_batches, skipped
+        if ddp.distributed:
+            dist.all_reduce(skipped)
+        skipped_batches, first = skipped_batches + int(skipped.item()), int(first_skipped.item())
+        skipped.zero_()
+        if skipped_batches and not tc.skip_nonfinite:
+            raise UserError(f"the loss is not finite at step {first + 1} (its update was not applied); stopped, the last "
+                            "checkpoint is kept (--set train.skip_nonfinite=true skips such batches)")
+
+    def log_window() -> None:
+        """Log the mean loss and images/s since the last log (one sync), on rank 0."""
+        nonlocal last_loss, tick, tick_step, loss_sum, loss_n
+        settle()
+        if loss_n.item():
+            last_loss = (loss_sum / loss_n).item()
+        now = time.perf_counter()
+        ips = (step - tick_step) * tc.batch_size / max(now - tick, 1e-9)
+        tick, tick_step, loss_sum, loss_n = now, step, zero(), zero()
+        if ddp.main:
+            _log(run_dir, writer, {"step": step, "loss": last_loss, "lr": opt.param_groups[0]["lr"], "images_per_s": ips,
+                                   "skipped_batches": skipped_batches, "skipped_images": skipped_images})
+            if progress:
+                progress({"step": step, "steps": tc.steps, "loss": last_loss, "images_per_s": ips})
+
     with _Stop() as stop:
         for x in loader:
             skipped_images += tc.batch_size // ddp.world - len(x)  # undecodable files (warned by the dataset)
@@ -284,43 +309,27 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
             noise = torch.randn(x.shape, generator=gen, device=device)
             if cuda:
                 x, noise = x.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc.lr, tc.warmup)
-            loss = eps_loss(eps_model, x, t, noise, schedule)
-            if not _all_finite(loss, ddp):  # checked before the update, so no NaN reaches the weights
-                if not tc.skip_nonfinite:
-                    raise UserError(f"the loss is {loss.item()} at step {step + 1}; stopped, the last checkpoint is kept "
-                                    "(--set train.skip_nonfinite=true skips such batches)")
-                skipped_batches += 1
-                step += 1
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            ema_update(ema, model, tc.ema_decay)
+            loss, bad = train_step(eps_model, model, ema, opt, x, t, noise, schedule, lr=lr_at(step, tc.lr, tc.warmup),
+                                   grad_clip=tc.grad_clip, ema_decay=tc.ema_decay, distributed=ddp.distributed)
+            skipped += bad
+            first_skipped = torch.where((first_skipped < 0) & (bad > 0), step, first_skipped)
+            loss_sum, loss_n = loss_sum + torch.where(bad > 0, 0.0, loss), loss_n + (1 - bad)
             step += 1
-            loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
             if _every(step, tc.log_every) or step == tc.steps:
-                last_loss = (loss_sum / max(loss_n, 1)).item()
-                now = time.perf_counter()
-                ips = (step - tick_step) * tc.batch_size / max(now - tick, 1e-9)
-                tick, tick_step, loss_sum, loss_n = now, step, torch.zeros((), device=device), 0
-                if ddp.main:
-                    _log(run_dir, writer, {"step": step, "loss": last_loss, "lr": opt.param_groups[0]["lr"], "images_per_s": ips,
-                                           "skipped_batches": skipped_batches, "skipped_images": skipped_images})
-                    if progress:
-                        progress({"step": step, "steps": tc.steps, "loss": last_loss, "images_per_s": ips})
+                log_window()
             elif ddp.main and progress:
                 progress({"step": step, "steps": tc.steps})
             if _every(step, tc.sample_every) and ddp.main:
                 save_png(preview_grid(ema, cfg, device, cfg.sample.n, stats=stats), run_dir / "samples" / f"step_{step:06d}.png")
             if _every(step, tc.checkpoint_every):
+                settle()  # a non-finite step stops before its checkpoint is written
                 checkpoint()
             if stop.requested:
                 stopped_by = stop.requested
                 break
+    if step > tick_step:  # stopped between log steps: its last steps are logged too
+        log_window()
+    settle()
     checkpoint()
     if writer:
         writer.close()
@@ -329,29 +338,6 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     return {"step": step, "loss": last_loss, "interrupted": stopped_by is not None, "stopped_by": stopped_by,
             "skipped_batches": skipped_batches, "skipped_images": skipped_images, "device": str(device), "world": ddp.world,
             "model": model, "ema": ema}
-
-
-def _all_finite(loss: torch.Tensor, ddp: Dist) -> bool:
-    """Whether the loss is finite on every rank (ranks must agree to skip a step together)."""
-    finite = torch.isfinite(loss.detach()).float()
-    if ddp.world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-def _load_weights(model: torch.nn.Module, state: dict) -> None:
-    """load_state_dict with a one-line message naming the first mismatch (another config's checkpoint)."""
-    own = model.state_dict()
-    for key, value in state.items():
-        if key not in own:
-            raise UserError(f"checkpoint does not fit this model: unexpected weight {key!r} (was it trained with another config?)")
-        if own[key].shape != value.shape:
-            raise UserError(f"checkpoint does not fit this model: {key} has shape {tuple(value.shape)} in the checkpoint, "
-                            f"{tuple(own[key].shape)} in the model (was it trained with another config?)")
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise UserError(f"checkpoint does not fit this model: weight {missing[0]!r} is missing (another config?)")
-    model.load_state_dict(state)
 
 
 def _tensorboard(run_dir: Path):

@@ -30,7 +30,7 @@ from bdm_cli import fid  # noqa: E402
 from bdm_cli.engine import nfe  # noqa: E402
 from bdm_cli.generate import load_run, sample_batches  # noqa: E402
 from bdm_cli.io import atomic_write  # noqa: E402
-from bdm_cli.train import bf16_native  # noqa: E402
+from bdm_cli.runtime import bf16_native  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 ZIP, WEIGHTS = SHARED / "data/cifar10-jpeg.zip", SHARED / "fid/pt_inception-2015-12-05.pth"

@@ -86,7 +86,7 @@ def peer_throughput(batch: int, rounds: int) -> dict | None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from bdm_cli.engine import dct2, precondition
-    from bdm_cli.train import bf16_network
+    from bdm_cli.runtime import bf16_network
 
     torch.manual_seed(0)
     x = torch.rand(batch, 3, 32, 32) * 2 - 1

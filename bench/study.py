@@ -340,7 +340,7 @@ def settings(args) -> dict:
 
 
 def machine() -> str:
-    from bdm_cli.train import bf16_native
+    from bdm_cli.runtime import bf16_native
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()

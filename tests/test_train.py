@@ -16,7 +16,8 @@ from bdm_cli.checkpoint import load_checkpoint
 from bdm_cli.cli import app
 from bdm_cli.config import list_presets, load_config
 from bdm_cli.data import make_dataset
-from bdm_cli.train import StepBatches, bf16_native, bf16_network, lr_at, train
+from bdm_cli.runtime import bf16_native, bf16_network
+from bdm_cli.train import StepBatches, lr_at, train
 from bdm_cli.unet import build_model, count_parameters
 
 from .conftest import ROOT, shared_file
@@ -194,3 +195,58 @@ def test_bf16_training_step_on_cpu_is_finite_and_resumes_exactly(tmp_path):
     resumed = train(load_config("tiny", over), tmp_path / "b", resume=True)
     a, b = straight["model"].state_dict(), resumed["model"].state_dict()
     assert math.isfinite(straight["loss"]) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- no host-device synchronisation in the steady state (issue #12) --------------------------------------------
+
+_HOST_READS = ("item", "__bool__", "__float__", "__int__", "cpu", "numpy", "tolist")
+
+
+def _host_reads(monkeypatch, run) -> int:
+    """How many times bdm's own code read a tensor back to the host during ``run()``: on a GPU each is a
+    synchronisation. The data pipeline's CPU index lists (StepBatches, data.py) are not device reads."""
+    import bdm_cli
+
+    root, counted = os.path.dirname(bdm_cli.__file__), [0]
+    exempt = {StepBatches.__iter__.__code__}
+
+    def wrap(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, **k):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(root) and caller.f_code not in exempt \
+                    and not caller.f_code.co_filename.endswith("data.py"):
+                counted[0] += 1
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in _HOST_READS:
+        wrap(name)
+    run()
+    monkeypatch.undo()
+    return counted[0]
+
+
+def test_training_steps_never_read_the_device(tmp_path, monkeypatch):
+    """8 and 24 steps read the device equally often (only at the final log and checkpoint): the non-finite check,
+    the loss sum, the EMA and the optimizer stay on the device between log steps."""
+    over = ["train.log_every=1000", "train.checkpoint_every=0", "train.sample_every=0", "model.dropout=0.1"]
+    reads = {n: _host_reads(monkeypatch, lambda n=n: train(load_config("tiny", over + [f"train.steps={n}"]),
+                                                            tmp_path / str(n)))
+             for n in (8, 24)}
+    assert reads[8] == reads[24], reads
+    assert reads[8] > 0  # the counter sees the final log's reads (a counter that never counts would pass anything)
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "unipc"])
+def test_sampling_steps_never_read_the_device(tmp_path, monkeypatch, sampler):
+    """Sampling reads the device once per batch (the samples), not per step."""
+    from bdm_cli.generate import load_run, sample_batches
+
+    train(load_config("tiny", ["train.steps=1", "train.checkpoint_every=0", "train.sample_every=0"]), tmp_path)
+    run = load_run(tmp_path / "checkpoint.pt")
+    reads = {k: _host_reads(monkeypatch, lambda k=k: list(sample_batches(run, 4, batch_size=2, steps=k, sampler=sampler)))
+             for k in (3, 9)}
+    assert reads[3] == reads[9] > 0, reads

@@ -1,0 +1,91 @@
+"""What training and sampling share: the device, bf16, compilation, weight loading and the denoiser the engine sees.
+
+``bdm train`` (train.py) and ``bdm sample`` / ``bdm fid --run`` (generate.py) both import from here, so the two
+paths cannot drift apart (a checkpoint trained on one device samples the same way on another).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+from .engine import precondition
+from .errors import UserError
+
+__all__ = ["resolve_device", "bf16_native", "bf16_network", "compile_enabled", "compiled", "denoiser", "denoised_range",
+           "load_weights"]
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but CUDA is not available")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name != "cpu" and not name.startswith("mps"):
+        raise UserError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)")
+    return torch.device(name)
+
+
+def denoised_range(stats: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The data's per-frequency range that bounds the samplers' x prediction (engine ``sample(denoised_range=)``);
+    None for checkpoints written before the range was stored."""
+    if not stats or "min_u" not in stats:
+        return None
+    return stats["min_u"], stats["max_u"]
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA, or a CPU with AVX-512/AMX bf16 through oneDNN. Elsewhere
+    bf16 is emulated and slower than float32, so autocast stays off."""
+    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_network(net, device: torch.device, enabled: bool):
+    """``net`` under bf16 autocast when enabled and ``device`` does bf16 natively: bf16 only inside the network,
+    the DCT and the loss stay in float32. On a 2-core AVX-512 BF16 CPU it trains cifar10_cpu 2.0x faster and
+    digits 1.5x (bench/, docs/benchmarks.md); very small nets (the tiny preset) are slower, so it turns it off."""
+    if not (enabled and bf16_native(device)):
+        return net
+
+    def network(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return net(z, t)
+
+    return network
+
+
+def denoiser(net, cfg: Config, stats: dict | None):
+    """The eps predictor the engine trains and samples: the network, preconditioned when the config says so."""
+    if not (cfg.model.precondition and stats):
+        return net
+    return precondition(net, cfg.diffusion, stats["mean_u"], stats["var_u"])
+
+
+def load_weights(model: torch.nn.Module, state: dict) -> None:
+    """load_state_dict with a one-line message naming the first mismatch (another config's checkpoint)."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            raise UserError(f"checkpoint does not fit this model: unexpected weight {key!r} (was it trained with another config?)")
+        if own[key].shape != value.shape:
+            raise UserError(f"checkpoint does not fit this model: {key} has shape {tuple(value.shape)} in the checkpoint, "
+                            f"{tuple(own[key].shape)} in the model (was it trained with another config?)")
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise UserError(f"checkpoint does not fit this model: weight {missing[0]!r} is missing (another config?)")
+    model.load_state_dict(state)
+
+
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """``train.compile`` / ``bdm sample --compile``: "true", "false", or "auto" (on CUDA only: compiling the
+    cifar10_cpu UNet took over 6 minutes on a 2-core CPU, more than it saves in a CPU session)."""
+    setting = str(setting).lower()
+    return device.type == "cuda" if setting == "auto" else setting == "true"
+
+
+def compiled(net, setting: str, device: torch.device):
+    """``torch.compile(net)`` where :func:`compile_enabled` says so, else ``net``. Only the network is compiled: the
+    engine's DCT and schedule around it are a few small matrix products."""
+    return torch.compile(net) if compile_enabled(setting, device) else net
