@@ -13,7 +13,8 @@ from .config import Config, from_dict, to_dict
 from .errors import UserError
 from .io import atomic_write
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "write_config", "CHECKPOINT"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_resumable", "check_data_stats", "write_config",
+           "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -25,8 +26,12 @@ class CheckpointError(UserError):
 
 def save_checkpoint(path: Path, state: dict) -> Path:
     """Write ``state`` (tensors, numbers, strings, dicts, lists) to ``path`` via temp file + fsync + rename."""
-    with atomic_write(path) as f:
-        torch.save({"format": FORMAT, **state}, f)
+    try:
+        with atomic_write(path) as f:
+            torch.save({"format": FORMAT, **state}, f)
+    except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
+        raise CheckpointError(f"could not write the checkpoint {path} (is the disk full?): {str(e).splitlines()[0]}; "
+                              "the previous checkpoint is kept") from None
     return Path(path)
 
 
@@ -47,7 +52,52 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt? {type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a bdm checkpoint (no model/config entries)")
+    _check_contents(state, path)
     return state
+
+
+def _tensors(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _check_contents(state: dict, path: Path) -> None:
+    """The types inside a checkpoint, checked once where it enters: a foreign or hand-edited file gets one clear
+    message instead of a traceback somewhere later."""
+    bad = None
+    step = state.get("step", 0)
+    if not isinstance(state["config"], dict):
+        bad = "'config' is not a mapping"
+    elif not _tensors(state["model"]) or ("ema" in state and not _tensors(state["ema"])):
+        bad = "'model'/'ema' are not mappings of names to tensors"
+    elif isinstance(step, bool) or not isinstance(step, (int, torch.Tensor)) or int(step) < 0:
+        bad = f"'step' is not a count of steps ({type(step).__name__})"
+    elif "data_stats" in state and not _tensors(state["data_stats"]):
+        bad = "'data_stats' is not a mapping of names to tensors"
+    elif "opt" in state and not isinstance(state["opt"], dict):
+        bad = "'opt' is not an optimizer state"
+    if bad:
+        raise CheckpointError(f"{path} is not a valid bdm checkpoint: {bad}")
+
+
+def check_resumable(state: dict, path: Path, world: int) -> None:
+    """What ``--resume`` needs beyond the weights: the optimizer state and the random number generators' states."""
+    rng = state.get("rng")
+    ok = isinstance(state.get("opt"), dict) and isinstance(rng, dict) and all(
+        isinstance(rng.get(k), list) and rng[k] and all(isinstance(g, torch.Tensor) and g.dtype == torch.uint8 for g in rng[k])
+        for k in ("gen", "torch"))
+    if not ok:
+        raise CheckpointError(f"{path} cannot be resumed: it holds no optimizer or random-generator state (a weights-only or "
+                              "foreign checkpoint; start a new run and load nothing, or sample from it)")
+
+
+def check_data_stats(stats: dict | None, cfg: Config, path: Path) -> None:
+    """The stored per-frequency data statistics fit the model's images: each [channels, resolution, resolution], finite."""
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    for key, value in (stats or {}).items():
+        if key in ("mean_u", "var_u", "min_u", "max_u") and (tuple(value.shape) != shape or not value.is_floating_point()
+                                                             or not torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: data_stats.{key} must be finite floats of shape {list(shape)}, got "
+                                  f"{value.dtype} {list(value.shape)}")
 
 
 def checkpoint_config(state: dict) -> Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -119,7 +120,7 @@ def blur_preview_cmd(
     import torch
 
     from .data import load_image
-    from .io import check_writable
+    from .io import check_writable, image_format
     from .preview import blur_strip, save_strip
 
     with user_errors():
@@ -128,9 +129,9 @@ def blur_preview_cmd(
         resolution = size or cfg.data.resolution
         if resolution < 2:
             raise UsageError(f"--size must be at least 2, got {resolution}")
-        check_writable(out_path)
+        check_writable(out_path), image_format(out_path)
         x = load_image(image, resolution, cfg.data.channels)
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed % 2**63))
         rows = blur_strip(x, cfg.diffusion, ts, noise, with_noise=not no_noise)
         save_strip(rows, ["original"] + [f"t={v:g}" for v in ts], out_path)
         d = cfg.diffusion
@@ -142,7 +143,7 @@ def blur_preview_cmd(
 def schedule_plot_cmd(
     preset: PresetOpt = "cifar10",
     out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default schedule.png / .svg).")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="png or svg.")] = "png",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="png or svg (default: --out's extension, else png).")] = None,
     compare: Annotated[Optional[str], typer.Option(help="Comma-separated sigma_blur_max values to overlay, e.g. 0,10,20.")] = None,
     size: Annotated[Optional[int], typer.Option(help="Image size whose frequencies are plotted; default from the preset.")] = None,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the numbers to this CSV file.")] = None,
@@ -157,8 +158,12 @@ def schedule_plot_cmd(
     from .preview import plot_schedule, write_schedule_csv
 
     with user_errors():
+        suffix = out_path.suffix.lower().lstrip(".") if out_path else ""
+        fmt = fmt or (suffix if suffix in ("png", "svg") else "png")
         if fmt not in ("png", "svg"):
             raise UsageError(f"--format must be png or svg, got {fmt!r}")
+        if out_path is not None and suffix != fmt:
+            raise UsageError(f"--out {out_path} does not end in .{fmt}: the plot is written as {fmt} (--format png or svg)")
         cfg = _diffusion_config(preset, sets, sigma_blur_max, blur)
         schedule = cfg.diffusion
         schedules = [schedule]
@@ -186,7 +191,8 @@ def schedule_plot_cmd(
 
 @app.command("train")
 def train_cmd(
-    preset: PresetOpt = "digits",
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `bdm presets`) or a .yaml file "
+                                                  "(default digits).")] = None,
     data: Annotated[Optional[str], typer.Option(help="digits, cifar10, a folder or a zip of images (data.dataset).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<preset>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint.")] = None,
@@ -210,13 +216,15 @@ def train_cmd(
             overrides.append(f"{key}={value}")
     with user_errors():
         if resume:
+            if preset is not None or (out_dir is not None and out_dir.resolve() != resume.resolve()):
+                raise UsageError("--resume continues a run with its own config in its own directory; --preset and --out "
+                                 "do not apply (change a setting with --set section.key=value)")
             run_dir = resume
             cfg = apply_overrides(checkpoint_config(load_checkpoint(run_dir / CHECKPOINT)), overrides).validate()
         else:
-            cfg = load_config(preset, overrides)
+            cfg = load_config(preset or "digits", overrides)
             run_dir = out_dir or Path("runs") / cfg.preset
-            if (run_dir / CHECKPOINT).exists():
-                raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+            _check_new_run_dir(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
         main = int(os.environ.get("RANK", "0")) == 0
         if main:
@@ -227,7 +235,8 @@ def train_cmd(
             result = train(cfg, run_dir, resume=resume is not None, progress=progress)
         if main:
             how = f"Stopped by {result['stopped_by']}; checkpoint saved" if result["interrupted"] else "Done"
-            out.print(f"{how} at step {result['step']} (loss {result['loss']:.4f}): {run_dir / CHECKPOINT}"
+            loss = "no step logged" if math.isnan(result["loss"]) else f"loss {result['loss']:.4f}"
+            out.print(f"{how} at step {result['step']} ({loss}): {run_dir / CHECKPOINT}"
                       + (f"; resume with: bdm train --resume {run_dir}" if result["interrupted"] else ""), highlight=False)
             for what in ("skipped_batches", "skipped_images"):
                 if result[what]:
@@ -235,6 +244,25 @@ def train_cmd(
                                   highlight=False)
         if result["interrupted"]:  # a scheduler must not mistake an interrupted run for a finished one
             raise typer.Exit(130 if result["stopped_by"] == "SIGINT" else 143)
+
+
+_RUN_FILES = {"checkpoint.pt", "config.yaml", "metrics.jsonl", "samples", "tb"}
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    """A new run goes into a new or empty directory, or one that only a stopped bdm run wrote to: never over a user's
+    own files (their config.yaml, say)."""
+    from .checkpoint import CHECKPOINT
+
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise UsageError(f"--out {run_dir} exists and is not a directory")
+    if (run_dir / CHECKPOINT).exists():
+        raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+    if run_dir.is_dir():
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in _RUN_FILES and not p.name.endswith(".tmp"))
+        if foreign:
+            raise UsageError(f"--out {run_dir} holds files that are not a bdm run's ({foreign[0]!r}...); bdm train writes "
+                             "config.yaml, metrics.jsonl and samples/ there: choose a new or empty directory")
 
 
 GRID_MAX = 1024  # samples shown in one grid PNG
@@ -280,14 +308,14 @@ def sample_cmd(
 
     from .engine import nfe
     from .generate import find_checkpoint, load_run, sample_batches
-    from .io import check_writable, make_grid, save_numbered, save_png
+    from .io import check_writable, image_format, make_grid, save_image, save_numbered
 
     with user_errors():
         _check_sampling(n, steps, sampler, grid, batch_size)
         grid_path = out_path or (None if out_dir else Path("grid.png"))
         for p in [grid_path, trajectory]:
             if p is not None:
-                check_writable(p)
+                check_writable(p), image_format(p)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
         r = load_run(find_checkpoint(run, checkpoint), ema=not no_ema, device=device)
@@ -311,13 +339,13 @@ def sample_cmd(
                 if grid_path is not None and sum(map(len, images)) < GRID_MAX:
                     images.append(x[: GRID_MAX - sum(map(len, images))].clone())  # memory stays flat for any --n
         if grid_path is not None:
-            save_png(make_grid(torch.cat(images)), grid_path)
+            save_image(make_grid(torch.cat(images)), grid_path)
             out.print(f"Wrote {grid_path}" + (f" (the first {GRID_MAX} samples)" if n > GRID_MAX else ""), highlight=False)
         if out_dir is not None:
             out.print(f"Wrote {n} PNGs to {out_dir}", highlight=False)
         if trajectory is not None and snaps:
             pick = snaps[:: max(1, len(snaps) // 10)] + ([snaps[-1]] if (len(snaps) - 1) % max(1, len(snaps) // 10) else [])
-            save_png(make_grid(torch.stack(pick, 1).flatten(0, 1), nrow=len(pick)), trajectory)
+            save_image(make_grid(torch.stack(pick, 1).flatten(0, 1), nrow=len(pick)), trajectory)
             out.print(f"Wrote {trajectory}", highlight=False)
 
 
@@ -385,7 +413,10 @@ def fid_cmd(
             with _progress("fid") as bar:
                 task = bar.add_task("fid", total=None)
 
+                counts: list[int] = []
+
                 def counted(k: int) -> None:
+                    counts.append(k)
                     bar.update(task, total=(bar.tasks[0].total or 0) + k)
 
                 progress = lambda k: bar.update(task, advance=k)  # noqa: E731
@@ -397,7 +428,10 @@ def fid_cmd(
                     stats1 = fid.stats_of(a, model, progress=progress, on_count=counted, **opts)
                     second = b
                 stats2 = fid.stats_of(second, model, progress=progress, on_count=counted, **opts) if second else None
-        for label, st in (("first input", stats1), ("second input", stats2)):
+        for label, st, count in zip(("first input", "second input"), (stats1, stats2), counts + [-1, -1]):
+            if st is not None and 0 <= st[2] < count:
+                console.print(f"[yellow]Warning:[/] {label}: {count - st[2]} of its {count} images could not be read and "
+                              "were left out (damaged or not images)", highlight=False)
             if st is not None and 0 <= st[2] < 2048:
                 console.print(f"[yellow]Warning:[/] {label} has {st[2]} images (< 2048): the covariance is rank-deficient "
                               "and FID is biased upward (KID is not)", highlight=False)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
@@ -104,12 +106,33 @@ class Config:
              f"data.resolution {self.data.resolution} must be divisible by 2^(len(model.channel_mult)-1) = "
              f"{2 ** (len(self.model.channel_mult) - 1)}"),
             (self.train.steps >= 0 and self.train.batch_size > 0, "train.steps must be >= 0 and train.batch_size > 0"),
+            (self.train.lr > 0, f"train.lr must be > 0, got {self.train.lr:g}"),
+            (self.train.warmup >= 0 and self.train.weight_decay >= 0 and self.train.grad_clip >= 0,
+             "train.warmup, train.weight_decay and train.grad_clip must be >= 0"),
+            (0 <= self.train.ema_decay <= 1, f"train.ema_decay must be in [0, 1], got {self.train.ema_decay:g}"),
+            (0 <= self.train.seed < 2**63, "train.seed must be in 0 .. 2^63-1"),
+            (min(self.train.log_every, self.train.sample_every, self.train.checkpoint_every) >= 0,
+             "train.log_every, train.sample_every and train.checkpoint_every must be >= 0 (0: never)"),
+            (_DEVICE.fullmatch(self.train.device) is not None, f"train.device must be auto, cpu, cuda, cuda:N or mps, "
+                                                               f"got {self.train.device!r}"),
+            (0 <= self.model.dropout < 1, f"model.dropout must be in [0, 1), got {self.model.dropout:g}"),
+            (self.model.num_heads >= 1 and self.model.num_res_blocks >= 1 and min(self.model.channel_mult) >= 1,
+             "model.num_heads, model.num_res_blocks and every model.channel_mult must be >= 1"),
+            (self.model.num_heads < 1 or all(self.model.channels * m % self.model.num_heads == 0 for m in self.model.channel_mult),
+             f"model.num_heads={self.model.num_heads} must divide every level's width (model.channels x channel_mult)"),
+            (self.data.num_workers >= 0, f"data.num_workers must be >= 0, got {self.data.num_workers}"),
+            (self.data.resolution <= 4096, f"data.resolution must be <= 4096, got {self.data.resolution}"),
+            (self.sample.n > 0 and self.sample.batch_size > 0, "sample.n and sample.batch_size must be > 0"),
+            (math.isfinite(self.diffusion.sigma_blur_max), "diffusion.sigma_blur_max must be finite"),
             (1 <= self.sample.steps <= 4000 and 1 <= self.sample.preview_steps <= 4000, "sample.steps must be in 1..4000"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 # -- presets ----------------------------------------------------------------------
@@ -179,15 +202,19 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         if typ is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value)
+            value = int(value)
+            if not -(2**63) <= value < 2**63:  # torch seeds and counters are 64-bit
+                raise ValueError
+            return value
         if typ is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise ValueError
             return float(value)
         if typ is str:
             return "" if value is None else str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be {typ.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        what = {float: "a finite number", int: "a whole number (64-bit)", bool: "true or false"}.get(typ, typ.__name__)
+        raise ConfigError(f"{name} must be {what}, got {value!r}") from None
     raise ConfigError(f"{name}: unsupported type {typ}")  # pragma: no cover - a dataclass bug
 
 
@@ -231,17 +258,33 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     return apply_overrides(cfg, overrides).validate()
 
 
+def _field_type(section: str, name: str):
+    """The declared type of ``section.name``, or None (the merge then reports the unknown key)."""
+    sections = {f.name: f for f in fields(Config) if f.name != "preset"}
+    if section not in sections:
+        return None
+    return typing.get_type_hints(sections[section].default_factory).get(name)
+
+
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """``section.key=value`` strings. A string field takes the value as typed (``--data 01`` is the folder "01", not the
+    number 1; ``[2024] photos`` is a name, not YAML); other fields read it as YAML (lists, numbers, booleans)."""
     data: dict[str, dict[str, Any]] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
-        parsed = yaml.safe_load(value) if value.strip() else ""
-        # Keep strings that YAML would turn into dates or other exotic types as strings.
-        if not isinstance(parsed, (str, int, float, bool, list)) or parsed is None:
+        if _field_type(section, name) is str:
             parsed = value
+        else:
+            try:
+                parsed = yaml.safe_load(value) if value.strip() else ""
+            except yaml.YAMLError:
+                parsed = value  # the field's type check says what was wrong with it
+            # Keep strings that YAML would turn into dates or other exotic types as strings.
+            if not isinstance(parsed, (str, int, float, bool, list)) or parsed is None:
+                parsed = value
         data.setdefault(section, {})[name] = parsed
     return _merge(cfg, data, "--set") if data else cfg
 

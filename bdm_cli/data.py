@@ -6,6 +6,7 @@ import io
 import os
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +14,47 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["DataError", "IMAGE_SUFFIXES", "load_image", "preprocess", "make_dataset", "collate_valid"]
+__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "open_image", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-MAX_PIXELS = 20_000 * 20_000  # far above any photo; refuses decompression bombs
+MAX_PIXELS = 8192 * 8192  # 67 megapixels, above any camera's photo: a larger declared size is refused before decoding
+# What reading one image (or zip member) can raise: a bad or truncated file, a corrupt deflate stream (zlib.error),
+# an encrypted member (RuntimeError), an unsupported compression method (NotImplementedError).
+READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, RuntimeError, NotImplementedError, zlib.error,
+               zipfile.BadZipFile)
 
 
 class DataError(UserError):
     """Unreadable or missing data."""
 
 
+def shown(name: str | Path) -> str:
+    """A file name safe to print: bytes that are not UTF-8 (kept by Python as surrogates) shown as escapes."""
+    return str(name).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def open_image(fp, name: str | Path):
+    """``Image.open`` with the declared size checked before anything is decoded (at most :data:`MAX_PIXELS`)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's own check (a warning, then its own error at twice its limit) is this one
+    img = Image.open(fp)
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        img.close()
+        raise DataError(f"{shown(name)} declares {w} x {h} pixels, more than the {MAX_PIXELS:,} bdm reads (a decompression "
+                        "bomb, or a picture to shrink first)")
+    return img
+
+
 def preprocess(img, resolution: int, channels: int = 3) -> torch.Tensor:
     """A PIL image to a [C, R, R] float tensor in [-1, 1]: convert mode, center-crop to a square,
     resize with antialiasing (as EDM's dataset tool and ADM do)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     # draft() lets JPEG decode at a reduced scale: huge photos never decode at full size.
     img.draft("L" if channels == 1 else "RGB", (resolution, resolution))
+    img = ImageOps.exif_transpose(img)  # a phone's portrait photo is stored sideways with an orientation tag
     if img.mode.startswith("I"):
         # 16-bit: 0..65535 maps to 0..255 (65535 / 257 = 255); 32-bit 'I' holding 8-bit values stays as is.
         arr = np.asarray(img, dtype=np.float64)
@@ -63,12 +88,11 @@ def load_image(path: Path | str, resolution: int, channels: int = 3) -> torch.Te
         raise DataError(f"image not found: {path}")
     if path.is_dir():
         raise DataError(f"expected an image file, got a directory: {path}")
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(path) as img:
+        with open_image(path, path) as img:
             return preprocess(img, resolution, channels)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
+    except (*READ_ERRORS, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read {shown(path)} as an image ({type(e).__name__}: {shown(e)})") from None
 
 
 # -- datasets -------------------------------------------------------------------------
@@ -118,10 +142,11 @@ class FileImages(torch.utils.data.Dataset):
 
         name = self.names[i]
         try:
-            with self._open(name) as f, Image.open(f) as img:
+            with self._open(name) as f, open_image(f, name) as img:
                 return preprocess(img, self.resolution, self.channels)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile) as e:
-            warnings.warn(f"skipping unreadable image {name} in {self.source} ({type(e).__name__}: {e})", stacklevel=1)
+        except (*READ_ERRORS, Image.DecompressionBombError, DataError) as e:
+            warnings.warn(f"skipping unreadable image {shown(name)} in {shown(self.source)} ({type(e).__name__}: {shown(e)})",
+                          stacklevel=1)
             return None
 
     def __getstate__(self):
@@ -135,10 +160,13 @@ def _image_names(source: Path, split: str) -> list[str]:
     if source.is_dir():
         names = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     elif zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as z:
-            names = sorted(n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX"))
+        try:
+            with zipfile.ZipFile(source) as z:
+                names = sorted(n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX"))
+        except (*READ_ERRORS, zipfile.LargeZipFile) as e:
+            raise DataError(f"cannot read the zip {shown(source)}: its directory is damaged ({type(e).__name__}: {shown(e)})") from None
     else:
-        raise DataError(f"not a folder or a zip of images: {source}")
+        raise DataError(f"not a folder or a zip of images: {shown(source)}")
     if split:
         prefix = split.strip("/") + "/"
         # A split is a top-level folder, possibly under one common root folder (as in cifar10-jpeg.zip).
@@ -148,7 +176,7 @@ def _image_names(source: Path, split: str) -> list[str]:
                 names = chosen
                 break
     if not names:
-        raise DataError(f"no images found in {source}" + (f" (split {split!r})" if split else ""))
+        raise DataError(f"no images found in {shown(source)}" + (f" (split {split!r})" if split else ""))
     return names
 
 
@@ -190,5 +218,5 @@ def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = 
         raise DataError("no dataset given: pass --data (a folder or zip of images, digits or cifar10)")
     source = Path(dataset).expanduser()
     if not source.exists():
-        raise DataError(f"dataset not found: {source} (expected digits, cifar10, a folder or a zip of images)")
+        raise DataError(f"dataset not found: {shown(source)} (expected digits, cifar10, a folder or a zip of images)")
     return FileImages(source, _image_names(source, split), resolution, channels)

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .data import DataError, _image_names
+from .data import READ_ERRORS, DataError, _image_names, open_image, shown
 from .errors import UsageError, UserError
 from .io import atomic_write
 
@@ -230,14 +230,17 @@ class ImageSource(torch.utils.data.Dataset):
         name = self.names[i]
         try:
             if self.path.is_dir():
-                img = Image.open(self.path / name)
+                fp = open(self.path / name, "rb")
             else:
                 if self._zip is None or self._pid != os.getpid():  # never share a handle with a forked worker
                     self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
-                img = Image.open(io.BytesIO(self._zip.read(name)))
-            arr = np.asarray(img.convert("RGB"))
-        except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as e:
-            warnings.warn(f"skipping unreadable image {name} in {self.path} ({type(e).__name__}: {e})", stacklevel=1)
+                fp = io.BytesIO(self._zip.read(name))
+            # As pytorch-fid reads them (no EXIF orientation, so that both give the same FID), with the size limit.
+            with fp, open_image(fp, name) as img:
+                arr = np.asarray(img.convert("RGB"))
+        except (*READ_ERRORS, Image.DecompressionBombError, DataError) as e:
+            warnings.warn(f"skipping unreadable image {shown(name)} in {shown(self.path)} ({type(e).__name__}: {shown(e)})",
+                          stacklevel=1)
             return None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
@@ -249,11 +252,15 @@ class ImageSource(torch.utils.data.Dataset):
         h = hashlib.sha256()
         if self.path.is_dir():
             for name in self.names:
-                h.update(name.encode() + b"\0" + (self.path / name).read_bytes())
+                try:
+                    data = (self.path / name).read_bytes()
+                except OSError:  # unreadable: skipped (and counted) when the features are computed
+                    data = b"\0unreadable"
+                h.update(name.encode("utf-8", "surrogateescape") + b"\0" + data)
         else:
             with zipfile.ZipFile(self.path) as z:
                 for name in self.names:
-                    h.update(f"{name}\0{z.getinfo(name).CRC}\0".encode())
+                    h.update(f"{name}\0{z.getinfo(name).CRC}\0".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 
@@ -349,10 +356,9 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
         batches = lambda: iter(images.split(batch_size))  # noqa: E731
         count = len(images)
     elif path.suffix == ".npz" and path.is_file():
-        with np.load(path) as f:
-            if "mu" not in f or "sigma" not in f:
-                raise UserError(f"{path} has no 'mu' and 'sigma' arrays")
-            return f["mu"], f["sigma"], int(f["n"]) if "n" in f else -1, f["feats"] if "feats" in f else None
+        if on_count:
+            on_count(0)  # no images to read
+        return read_stats(path, dims)
     elif path.exists():
         ds = ImageSource(path)
         key = hashlib.sha256(f"{ds.content_key()}:{dims}:{weights_id}".encode()).hexdigest() if use_cache else ""
@@ -364,16 +370,44 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
         on_count(count)
     cached = cache_dir() / f"{key}.npz"
     if use_cache and cached.is_file():
-        with np.load(cached) as f:
-            if "feats" in f:  # a cache entry written before KID has no features: compute it again
-                if progress:
-                    progress(count)
-                return f["mu"], f["sigma"], int(f["n"]), f["feats"]
+        try:
+            mu, sigma, n, feats = read_stats(cached, dims)
+        except UserError as e:  # a damaged cache entry is recomputed (and rewritten), never fatal
+            warnings.warn(f"ignoring a damaged FID cache entry, computing it again: {e}", stacklevel=1)
+            feats = None
+        if feats is not None:  # a cache entry written before KID has no features: compute it again
+            if progress:
+                progress(count)
+            return mu, sigma, n, feats
     mu, sigma = (st := features(model, batches(), dims, device, progress)).result()
+    if st.n < 2:
+        raise UserError(f"{shown(source)}: {st.n} of its {count} images could be read; FID needs at least 2")
     if use_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
         save_stats(cached, mu, sigma, st.n, st.rows)
     return mu, sigma, st.n, st.rows
+
+
+def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """``(mu, sigma, n, feats)`` of a statistics .npz (bdm's or pytorch-fid's ``--save-stats``), checked: plain numeric
+    arrays only (no pickles), ``mu`` [dims], ``sigma`` [dims, dims], finite; ``feats`` [n, dims] if present."""
+    what = f"{shown(path)} is not a .npz of FID statistics for --dims {dims}"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in ("mu", "sigma", "n", "feats") if k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, *READ_ERRORS) as e:
+        raise UserError(f"{what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    mu, sigma, feats = arrays.get("mu"), arrays.get("sigma"), arrays.get("feats")
+    if mu is None or sigma is None:
+        raise UserError(f"{what}: it has no 'mu' and 'sigma' arrays")
+    for name, a, shape in (("mu", mu, (dims,)), ("sigma", sigma, (dims, dims))):
+        if a.dtype.kind not in "fiu" or a.shape != shape or not np.isfinite(a).all():
+            raise UserError(f"{what}: {name} must be finite numbers of shape {shape}, got {a.dtype} {a.shape}")
+    if feats is not None and (feats.dtype.kind not in "fiu" or feats.ndim != 2 or feats.shape[1] != dims):
+        raise UserError(f"{what}: feats must be numbers of shape [n, {dims}], got {feats.dtype} {feats.shape}")
+    n = arrays.get("n")
+    n = int(n) if n is not None and n.dtype.kind in "iu" and n.size == 1 else -1
+    return mu.astype(np.float64), sigma.astype(np.float64), n, feats
 
 
 def check_input(source: str) -> None:

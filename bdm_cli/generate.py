@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .checkpoint import CHECKPOINT, CheckpointError, checkpoint_config, load_checkpoint
+from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, checkpoint_config, load_checkpoint
 from .config import Config
 from .engine import Step, sample
 from .errors import UserError
@@ -59,6 +59,7 @@ def load_run(path: Path, *, ema: bool = True, device: str = "auto") -> Run:
     if key not in state:
         raise CheckpointError(f"{path} has no {key!r} weights")
     load_weights(model, state[key])
+    check_data_stats(state.get("data_stats"), cfg, path)
     stats = {k: v.to(dev) for k, v in state.get("data_stats", {}).items()} or None
     if cfg.model.precondition and not stats:
         raise CheckpointError(f"{path} was trained with model.precondition but holds no data_stats")

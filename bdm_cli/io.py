@@ -19,7 +19,8 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["OutputError", "atomic_write", "atomic_write_bytes", "to_uint8", "save_png", "save_numbered", "make_grid", "check_writable"]
+__all__ = ["OutputError", "atomic_write", "atomic_write_bytes", "remove_stale_temps", "to_uint8", "save_image", "save_numbered", "make_grid",
+           "check_writable", "image_format", "write_image"]
 
 
 class OutputError(UserError):
@@ -27,8 +28,15 @@ class OutputError(UserError):
 
 
 def check_writable(path: Path) -> Path:
-    """Fail early, with a clear message, if ``path``'s directory does not exist or is not writable."""
+    """Fail early, with a clear message, if ``path`` is not a regular file bdm may replace (a directory, a device such
+    as /dev/null, a symbolic link: renaming over them would destroy them or write somewhere unexpected) or its
+    directory does not exist or is not writable."""
     path = Path(path)
+    if path.is_symlink():
+        raise OutputError(f"{path} is a symbolic link; bdm writes only regular files (remove the link or choose another name)")
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise OutputError(f"{path} is {kind}; give a file name to write to")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output directory does not exist: {parent}")
@@ -61,6 +69,18 @@ def atomic_write(path: Path | str, mode: str = "wb") -> Iterator[io.IOBase]:
         raise
 
 
+def remove_stale_temps(folder: Path) -> int:
+    """Delete the temporary files (``.NAME.XXXX.tmp``) that a killed writer left in ``folder``; returns how many.
+    Call it only where no other writer is active (a run directory as its training starts)."""
+    removed = 0
+    for p in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed += 1
+    return removed
+
+
 def atomic_write_bytes(path: Path | str, write: Callable[[io.IOBase], None]) -> Path:
     with atomic_write(path) as f:
         write(f)
@@ -85,8 +105,28 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
     return grid
 
 
-def save_png(image: torch.Tensor, path: Path | str, scale: int = 1) -> Path:
-    """Save a [C, H, W] image in [-1, 1] (C = 1 or 3) as PNG, atomically; ``scale`` enlarges it (nearest)."""
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF"}
+
+
+def image_format(path: Path | str) -> str:
+    """The Pillow format an output's extension asks for; an unknown or missing extension is refused (never PNG bytes
+    under a .jpg name)."""
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise OutputError(f"{path}: cannot tell the image format from its extension; use one of {', '.join(IMAGE_FORMATS)}")
+    return fmt
+
+
+def write_image(img, path: Path | str) -> Path:
+    """A PIL image to ``path`` in the format of its extension (JPEG at quality 95), atomically."""
+    fmt = image_format(path)
+    return atomic_write_bytes(path, lambda f: img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+
+
+def save_image(image: torch.Tensor, path: Path | str, scale: int = 1) -> Path:
+    """Save a [C, H, W] image in [-1, 1] (C = 1 or 3) in the format of ``path``'s extension, atomically; ``scale``
+    enlarges it (nearest)."""
     from PIL import Image
 
     arr = to_uint8(image.detach().cpu())
@@ -94,10 +134,10 @@ def save_png(image: torch.Tensor, path: Path | str, scale: int = 1) -> Path:
         arr = arr.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     arr = arr.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr, "RGB")
-    return atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))
+    return write_image(img, path)
 
 
 def save_numbered(images: torch.Tensor, out_dir: Path, first: int) -> None:
     """Save a batch as ``{index:06d}.png`` from ``first`` on: the file of sample i holds sample i in any batching."""
     for j, img in enumerate(images):
-        save_png(img, Path(out_dir) / f"{first + j:06d}.png")
+        save_image(img, Path(out_dir) / f"{first + j:06d}.png")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .engine import BlurSchedule, dct2, diffuse, idct2
-from .io import atomic_write, atomic_write_bytes, to_uint8
+from .io import atomic_write, atomic_write_bytes, to_uint8, write_image
 
 __all__ = ["blur_strip", "save_strip", "schedule_table", "plot_schedule", "write_schedule_csv"]
 
@@ -48,7 +48,7 @@ def save_strip(rows: list[torch.Tensor], labels: list[str], path: Path, tile: in
             img = Image.fromarray(arr[..., 0], "L") if c == 1 else Image.fromarray(arr, "RGB")
             img = img.resize((tw, th), Image.Resampling.NEAREST)
             canvas.paste(img, (pad + j * (tw + pad), top + pad + r * (th + pad)))
-    return atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG"))
+    return write_image(canvas, path)
 
 
 def schedule_table(schedule: BlurSchedule, height: int, width: int, n: int = 201) -> dict[str, torch.Tensor]:

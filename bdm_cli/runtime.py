@@ -17,15 +17,25 @@ __all__ = ["resolve_device", "bf16_native", "bf16_network", "compile_enabled", "
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` (CUDA where there is one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against this machine."""
+    name = str(name).strip().lower()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
+    if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but CUDA is not available")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    if name != "cpu" and not name.startswith("mps"):
-        raise UserError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)")
-    return torch.device(name)
+            raise UserError(f"--device {name} was asked for but CUDA is not available on this machine (use cpu or auto)")
+        index = name.partition(":")[2]
+        if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+                            f"cuda:{torch.cuda.device_count() - 1}")
+        return torch.device(name if index else f"cuda:{local_rank}")
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("--device mps was asked for but Apple's MPS is not available on this machine (use cpu or auto)")
+        return torch.device("mps")
+    if name != "cpu":
+        raise UserError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)")
+    return torch.device("cpu")
 
 
 def denoised_range(stats: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -20,12 +20,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, write_config
+from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, check_resumable, load_checkpoint, save_checkpoint, write_config
 from .config import Config, to_dict
 from .data import collate_valid, make_dataset
 from .engine import dct2, eps_loss, sample
 from .errors import UserError
-from .io import make_grid, save_png
+from .io import make_grid, remove_stale_temps, save_image
 from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device
 from .unet import build_model
 
@@ -105,7 +105,7 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, self.steps):
             e, k = divmod(step, self.per_epoch)
             if e != epoch:
-                perm, epoch = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e)), e
+                perm, epoch = torch.randperm(self.n, generator=torch.Generator().manual_seed((self.seed * 100_003 + e) % 2**63)), e
             yield perm[k * self.batch : (k + 1) * self.batch][self.rank :: self.world].tolist()
 
 
@@ -221,15 +221,21 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model, tc)
     torch.manual_seed(tc.seed + ddp.rank)  # dropout differs per rank
-    gen = torch.Generator(device).manual_seed(tc.seed * 1000 + ddp.rank)  # t, noise and flips
+    gen = torch.Generator(device).manual_seed((tc.seed * 1000 + ddp.rank) % 2**63)  # t, noise and flips
     step = 0
     if resume:
         state = load_checkpoint(run_dir / CHECKPOINT)
-        load_weights(model, state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-        rng = state["rng"]
-        if len(rng["gen"]) == ddp.world:
-            gen.set_state(rng["gen"][ddp.rank]), torch.set_rng_state(rng["torch"][ddp.rank])
+        check_resumable(state, run_dir / CHECKPOINT, ddp.world)
+        check_data_stats(state.get("data_stats"), cfg, run_dir / CHECKPOINT)
+        load_weights(model, state["model"]), load_weights(ema, state.get("ema", state["model"]))
+        step, rng = int(state["step"]), state["rng"]
+        try:
+            opt.load_state_dict(state["opt"])
+            if len(rng["gen"]) == ddp.world:
+                gen.set_state(rng["gen"][ddp.rank]), torch.set_rng_state(rng["torch"][ddp.rank])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{run_dir / CHECKPOINT} cannot be resumed: its optimizer or generator state does not fit "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if cuda:
         model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if ddp.distributed else model
@@ -245,6 +251,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
                                          collate_fn=collate_valid, generator=torch.Generator())  # keeps the global RNG untouched
     if ddp.main:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, run_dir / "samples"):  # what a killed (kill -9) writer left behind
+            remove_stale_temps(folder)
         write_config(run_dir, cfg)
     writer = _tensorboard(run_dir) if ddp.main else None
 
@@ -275,9 +283,10 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
         nonlocal skipped_batches, skipped
         if ddp.distributed:
             dist.all_reduce(skipped)
-        skipped_batches, first = skipped_batches + int(skipped.item()), int(first_skipped.item())
+        new, first = int(skipped.item()), int(first_skipped.item())
+        skipped_batches += new
         skipped.zero_()
-        if skipped_batches and not tc.skip_nonfinite:
+        if new and not tc.skip_nonfinite:
             raise UserError(f"the loss is not finite at step {first + 1} (its update was not applied); stopped, the last "
                             "checkpoint is kept (--set train.skip_nonfinite=true skips such batches)")
 
@@ -299,7 +308,9 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     with _Stop() as stop:
         for x in loader:
             skipped_images += tc.batch_size // ddp.world - len(x)  # undecodable files (warned by the dataset)
-            if len(x) == 0:
+            if len(x) == 0:  # no image of this batch could be read: the step is skipped (and counted), not retried
+                skipped_batches += 1
+                step += 1
                 continue
             x = x.to(device, non_blocking=True)
             b = x.shape[0]
@@ -320,7 +331,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
             elif ddp.main and progress:
                 progress({"step": step, "steps": tc.steps})
             if _every(step, tc.sample_every) and ddp.main:
-                save_png(preview_grid(ema, cfg, device, cfg.sample.n, stats=stats), run_dir / "samples" / f"step_{step:06d}.png")
+                save_image(preview_grid(ema, cfg, device, cfg.sample.n, stats=stats), run_dir / "samples" / f"step_{step:06d}.png")
             if _every(step, tc.checkpoint_every):
                 settle()  # a non-finite step stops before its checkpoint is written
                 checkpoint()
@@ -334,7 +345,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     if writer:
         writer.close()
     if ddp.main and stopped_by is None and step >= tc.steps and tc.steps > 0:
-        save_png(final_grid(ema, cfg, device, stats=stats), run_dir / "samples" / "final.png")
+        save_image(final_grid(ema, cfg, device, stats=stats), run_dir / "samples" / "final.png")
     return {"step": step, "loss": last_loss, "interrupted": stopped_by is not None, "stopped_by": stopped_by,
             "skipped_batches": skipped_batches, "skipped_images": skipped_images, "device": str(device), "world": ddp.world,
             "model": model, "ema": ema}

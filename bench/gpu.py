@@ -5,9 +5,9 @@ On the device machine (the device tool's README; carry ``.whl`` and ``.gpu-data`
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \\
       && PYTHONPATH=/tmp/site:. python3 bench/gpu.py --out $OUT
 
-``.whl`` holds pytorch-fid, diffusers, denoising-diffusion-pytorch, ema-pytorch and importlib_metadata
-(``make gpu-wheels``); ``.gpu-data/cifar10-train.zip`` the 50,000 training JPEGs cut from
-../shared/data/cifar10-jpeg.zip (``make gpu-data``). Here, ``python bench/gpu.py --smoke`` runs every part on the
+``.whl`` holds pytorch-fid, diffusers, denoising-diffusion-pytorch, ema-pytorch and importlib_metadata;
+``.gpu-data/cifar10-train.zip`` the 50,000 training JPEGs cut from ../shared/data/cifar10-jpeg.zip (``make gpu-carry``
+makes both). Here, ``python bench/gpu.py --smoke`` runs every part on the
 CPU at the tiny preset in a minute or two (tests/test_bench_gpu.py, in ``make test``), so the script cannot rot
 between GPU sessions; ``make gpu-check`` is the same smoke run.
 
@@ -105,18 +105,21 @@ def matmul(device: torch.device, smoke: bool) -> dict:
 
 # -- training steps ---------------------------------------------------------------------------------------------
 
-def bdm_step(cfg, device, x, compile_net: bool):
-    """bdm's own training step (train.train_step) on one fixed batch, with stand-in data statistics."""
+def bdm_step(cfg, device, x, compile_net: bool | str, channels_last: bool = True):
+    """bdm's own training step (train.train_step) on one fixed batch, with stand-in data statistics;
+    ``compile_net`` True (train.compile) or a torch.compile mode."""
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    if device.type == "cuda":
+    channels_last = channels_last and device.type == "cuda"
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema, opt = copy.deepcopy(model).requires_grad_(False), make_optimizer(model, cfg.train)
     c, r = cfg.data.channels, cfg.data.resolution
     stats = {"mean_u": torch.zeros(c, r, r, device=device), "var_u": torch.ones(c, r, r, device=device)}
-    net = bf16_network(compiled(model, str(compile_net), device), device, True)
+    net = torch.compile(model, mode=compile_net) if isinstance(compile_net, str) else compiled(model, str(compile_net), device)
+    net = bf16_network(net, device, True)
     eps_model = denoiser(net, cfg, stats)
-    x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     def step():
         t = torch.rand(len(x), device=device)
@@ -233,6 +236,57 @@ def throughput(preset: str, device: torch.device, rounds: int, calls: int, compi
     return out
 
 
+def tune(device: torch.device, smoke: bool, compile_too: bool) -> dict:
+    """``--tune``: where bdm's training step spends its time (torch.profiler: the top kernels, and the GPU's busy time
+    against the wall) and what the settings that could buy it back measure: NCHW against channels_last, a larger
+    batch, compilation with and without CUDA graphs. Each row: median of 3 rounds, in turns. Tried on an H200 on
+    2026-11-27 and dropped: cuDNN's autotuner (13% slower), GroupNorm in bf16 instead of autocast's float32 (no
+    change); docs/benchmarks.md has the profile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = load_config("tiny" if smoke else "cifar10", ["train.compile=false"])
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    settings = {"baseline": {}, "NCHW": {"channels_last": False}, "batch x2": {"batch": 2}}
+    if compile_too:
+        settings.update({"compiled": {"compile": True}, "compiled, CUDA graphs": {"compile": "reduce-overhead"}})
+    out, steps = {"rows": {}}, {}
+    for name, st in settings.items():
+        torch.backends.cudnn.benchmark = st.get("benchmark", False)
+        x = torch.rand(cfg.train.batch_size * st.get("batch", 1), *shape, device=device) * 2 - 1
+        try:
+            step, _, _ = bdm_step(cfg, device, x, st.get("compile", False), st.get("channels_last", True))
+            for _ in range(3):
+                step()
+            steps[name] = (step, len(x), st.get("benchmark", False))
+        except Exception as e:
+            out["rows"][name] = {"error": f"{type(e).__name__}: {e}"}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(3):
+        for name, (step, _, bench) in steps.items():
+            torch.backends.cudnn.benchmark = bench
+            times[name].append(seconds_per_call(step, device, 2 if smoke else 10))
+    for name, ts in times.items():
+        out["rows"][name] = {"images_per_s": steps[name][1] / statistics.median(ts), "step_ms": statistics.median(ts) * 1e3}
+    name = next(iter(steps))
+    step, _, bench = steps[name]
+    torch.backends.cudnn.benchmark = bench
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    wall = (time.perf_counter() - t0) / 3
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, key, 0) for e in events if e.device_type.name == ("CUDA" if device.type == "cuda" else "CPU")) / 3e6
+    out.update(profiled=name, wall_ms=wall * 1e3, device_busy_ms=busy * 1e3,
+               table=events.table(sort_by=key, row_limit=25, max_name_column_width=60))
+    torch.backends.cudnn.benchmark = False
+    return out
+
+
 # -- the timed training and its samples -----------------------------------------------------------------------
 
 def timed_training(args, device: torch.device, report: dict, work: Path) -> dict:
@@ -304,8 +358,9 @@ def speeds(args, device: torch.device, work: Path) -> dict:
     return out
 
 
-def cuda_tests(timeout: float) -> dict:
+def cuda_tests(timeout: float, select: str = "") -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py")]
+    cmd += ["-k", select] if select else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
@@ -340,9 +395,16 @@ def run(args) -> dict:
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # what training uses
+    if args.tune:
+        part("tune", lambda: tune(device, args.smoke, not args.no_compile))
+        if not args.skip_tests:
+            part("cuda_tests", lambda: cuda_tests(args.test_timeout, args.tests))
+        print(json.dumps({k: report[k] for k in ("tune", "cuda_tests") if k in report}, indent=1, default=str)[-9000:])
+        print(report["tune"].get("table", "")[-5000:])
+        return report
     part("matmul", lambda: matmul(device, args.smoke))
     if not args.skip_tests:  # early: a CUDA bug they find matters more than any figure
-        part("cuda_tests", lambda: cuda_tests(args.test_timeout))
+        part("cuda_tests", lambda: cuda_tests(args.test_timeout, args.tests))
     part("throughput", lambda: throughput("tiny" if args.smoke else "cifar10", device, rounds=2 if args.smoke else 3,
                                           calls=2 if args.smoke else 15, compile_too=not args.no_compile))
     part("train", lambda: timed_training(args, device, report, work))
@@ -388,7 +450,7 @@ def score(args) -> None:
     src = Path(args.score)
     report = json.loads((src / "report.json").read_text())
     t = report.get("train", {})
-    if t.get("parts"):
+    if t.get("parts") and "fid" not in t:
         images = np.concatenate([np.load(src / p)["images"] for p in t["parts"]])
         ref = Path(args.reference)
         model = fid.inception(2048, args.inception_weights, "cpu")
@@ -401,12 +463,13 @@ def score(args) -> None:
         t["fid_reference"] = f"{ref.name} ({len(images)} samples against the 10,000 CIFAR-10 test images)"
         with atomic_write(src / "report.json", "w") as f:
             json.dump(report, f, indent=1, default=str)
-    write_section(section(report), Path(args.docs))
+    tuned = [json.loads((Path(d) / "report.json").read_text()) for d in args.tuned]
+    write_section(section(report, [r for r in tuned if "tune" in r]), Path(args.docs))
     print(summary(report))
 
 
-def section(report: dict) -> str:
-    """The GPU section of docs/benchmarks.md."""
+def section(report: dict, tuned_reports: list[dict] = ()) -> str:
+    """The GPU section of docs/benchmarks.md (``tuned_reports``: reports of --tune runs, shown after the figures)."""
     m, tp, t, s = (report.get(k, {}) for k in ("matmul", "throughput", "train", "speeds"))
     peak = m.get("tflops", float("nan"))
     lines = [MARKERS[0], "## GPU: training and sampling speed, and a timed CIFAR-10 training", "",
@@ -439,6 +502,17 @@ def section(report: dict) -> str:
                   f"{s['ancestral_1000_images_per_s']:.1f} images/s ({s['ancestral_network_calls_per_s']:.0f} network calls "
                   f"x images per s). FID features (Inception, float32 without TF32): {s['fid_features_images_per_s']:.0f} "
                   "images/s.", ""]
+    for tuned in tuned_reports:
+        u = tuned["tune"]
+        lines += [f"Where the step's time goes (`{tuned['command']}`, {tuned['device_name']}, {tuned['date']}): "
+                  f"profiling 3 steps of the {u['profiled']} row, the GPU was busy {u['device_busy_ms']:.1f} ms of each "
+                  f"step's {u['wall_ms']:.0f} ms under the profiler. The settings that could buy time back, images/s "
+                  "(median of 3 rounds, in turns):", "", "| setting | images/s | step (ms) |", "|---|---|---|"]
+        lines += [f"| {name} | {row['images_per_s']:.0f} | {row['step_ms']:.1f} |" if "images_per_s" in row
+                  else f"| {name} | failed: {row.get('error')} | |" for name, row in u["rows"].items()]
+        table = [line for line in u.get("table", "").splitlines() if line.strip() and not line.startswith("-")]
+        lines += ["", "The top kernels of that profile (self device time of 3 steps):", "", "```",
+                  *table[:14], "```", ""]
     c = report.get("cuda_tests", {})
     if c:
         lines += [f"CUDA tests (`pytest -m cuda`, tests/test_cuda.py): {c.get('summary') or c.get('error')}.", ""]
@@ -489,7 +563,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-timeout", type=float, default=180, help="seconds the cuda tests may take")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--tests", default="", help="only the cuda tests matching this -k expression")
+    p.add_argument("--tune", action="store_true", help="only: where the training step's time goes, and settings that "
+                   "could buy it back (then the cuda tests)")
     p.add_argument("--score", metavar="DIR", help="here, after the device run: FID of DIR's samples, then the docs section")
+    p.add_argument("--tuned", nargs="*", default=[], metavar="DIR", help="with --score: --tune runs to show too")
     p.add_argument("--reference", default=str(SHARED / "fid" / "cifar10-test-stats.npz"))
     p.add_argument("--inception-weights", default=str(SHARED / "fid" / "pt_inception-2015-12-05.pth"))
     p.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))

@@ -44,7 +44,7 @@ import quality  # noqa: E402  bench/quality.py beside this file
 from bdm_cli import fid  # noqa: E402
 from bdm_cli.data import load_digits  # noqa: E402
 from bdm_cli.generate import load_run, sample_batches  # noqa: E402
-from bdm_cli.io import atomic_write, make_grid, save_png  # noqa: E402
+from bdm_cli.io import atomic_write, make_grid, save_image  # noqa: E402
 from bdm_cli.spectrum import compare, image_statistics  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "fid" / "pt_inception-2015-12-05.pth"

@@ -34,18 +34,26 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     assert images.shape == (24, 8, 8, 3) and images.dtype == np.uint8
     assert "passed" in report["cuda_tests"]["summary"] or "skipped" in report["cuda_tests"]["summary"]
 
+    # --tune: the profile and the settings rows.
+    tuned = tmp_path / "tuned"
+    p = subprocess.run([python, str(ROOT / "bench" / "gpu.py"), "--smoke", "--tune", "--skip-tests", "--out", str(tuned)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((tuned / "report.json").read_text())["tune"]["rows"]
+    assert all(r["images_per_s"] > 0 for r in rows.values()), rows
+
     # Back "here": the FID of the returned samples and the docs section.
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nkept\n")
     p = subprocess.run([python, str(ROOT / "bench" / "gpu.py"), "--score", str(out), "--reference", str(ref),
-                        "--inception-weights", "random", "--docs", str(docs)], capture_output=True, text=True,
+                        "--inception-weights", "random", "--docs", str(docs), "--tuned", str(tuned)], capture_output=True, text=True,
                        timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     page = docs.read_text()
     assert "kept" in page and page.count("<!-- gpu: written by bench/gpu.py -->") == 1
-    assert "FID **" in page and "| bdm |" in page
+    assert "FID **" in page and "| bdm |" in page and "| batch x2 |" in page
     assert np.isfinite(json.loads((out / "report.json").read_text())["train"]["fid"])
 
 

@@ -20,7 +20,7 @@ def test_extends_and_differences_only():
 def test_overrides_and_types():
     cfg = load_config("cifar10", ["train.lr=1e-3", "model.channel_mult=1,2", "data.hflip=false", "train.steps=5"])
     assert cfg.train.lr == 1e-3 and cfg.model.channel_mult == (1, 2) and cfg.data.hflip is False and cfg.train.steps == 5
-    with pytest.raises(ConfigError, match="train.lr must be float"):
+    with pytest.raises(ConfigError, match="train.lr must be a finite number"):
         load_config("cifar10", ["train.lr=abc"])
     with pytest.raises(ConfigError, match="did you mean train.lr"):
         load_config("cifar10", ["train.lrr=1"])

@@ -56,7 +56,9 @@ def test_steady_state_step_does_not_synchronise(tmp_path):
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         counts[n] = sum("synchroniz" in str(w.message) for w in caught)
-    assert counts[6] == counts[18], counts
+    # Set-up syncs (weights and statistics to the device, the final log) are the same for both; one per step would
+    # add 12. A difference of one has been seen on an H200: the data loader's pin-memory thread, not the step.
+    assert abs(counts[18] - counts[6]) <= 2, counts
 
 
 def test_resume_on_cuda_continues_the_same_run(tmp_path):

@@ -141,7 +141,7 @@ def test_huge_image_is_resized_with_bounded_memory(tmp_path):
     (["--t", "2"], 2, "[0, 1]"),
     (["--t", "x"], 2, "number"),
     (["--preset", "nope"], 2, "unknown preset"),
-    (["--set", "train.lr=abc"], 2, "train.lr must be float"),
+    (["--set", "train.lr=abc"], 2, "train.lr must be a finite number"),
     (["--set", "train.lrr=1"], 2, "did you mean train.lr"),
     (["--out", "/nonexistent/dir/p.png"], 1, "does not exist"),
 ])
