@@ -38,8 +38,10 @@ def save_checkpoint(path: Path, state: dict) -> Path:
 def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
     """Load a checkpoint safely (no code runs) and check it is one of ours."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and path.name != CHECKPOINT:
         path = path / CHECKPOINT
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint file (a directory, pipe or device)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
@@ -52,6 +54,9 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt? {type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a bdm checkpoint (no model/config entries)")
+    if not isinstance(state.get("format", FORMAT), int) or state.get("format", FORMAT) > FORMAT:
+        raise CheckpointError(f"{path} was written by a newer bdm (checkpoint format {state.get('format')!r}, this one reads "
+                              f"up to {FORMAT}): update bdm")
     _check_contents(state, path)
     return state
 

@@ -127,8 +127,8 @@ def blur_preview_cmd(
         ts = _t_values(t)
         cfg = _diffusion_config(preset, sets, sigma_blur_max, blur)
         resolution = size or cfg.data.resolution
-        if resolution < 2:
-            raise UsageError(f"--size must be at least 2, got {resolution}")
+        if not 2 <= resolution <= MAX_PREVIEW:
+            raise UsageError(f"--size must be in 2..{MAX_PREVIEW}, got {resolution}")
         check_writable(out_path), image_format(out_path)
         x = load_image(image, resolution, cfg.data.channels)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed % 2**63))
@@ -154,7 +154,7 @@ def schedule_plot_cmd(
     """Plot a_t, sigma_t, sigma_blur(t), alpha_t per frequency and the per-frequency log-SNR."""
     from dataclasses import replace
 
-    from .io import check_writable
+    from .io import check_outputs
     from .preview import plot_schedule, write_schedule_csv
 
     with user_errors():
@@ -172,16 +172,16 @@ def schedule_plot_cmd(
                 values = [float(v) for v in compare.split(",") if v.strip()]
             except ValueError:
                 raise UsageError(f"--compare must be comma-separated numbers, got {compare!r}") from None
-            if not values or any(v < 0 for v in values):
-                raise UsageError(f"--compare needs sigma_blur_max values >= 0, got {compare!r}")
+            if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+                raise UsageError(f"--compare needs finite sigma_blur_max values >= 0, got {compare!r}")
             schedules = [replace(schedule, sigma_blur_max=v) for v in values]
         resolution = size or cfg.data.resolution
-        if resolution < 2:
-            raise UsageError(f"--size must be at least 2, got {resolution}")
+        if not 2 <= resolution <= MAX_PLOT:
+            raise UsageError(f"--size must be in 2..{MAX_PLOT} (the plot holds a log-SNR per frequency and time), got {resolution}")
         path = out_path or Path(f"schedule.{fmt}")
-        check_writable(path)
-        if csv_path:
-            check_writable(csv_path)
+        if csv_path and csv_path.suffix.lower() != ".csv":
+            raise UsageError(f"--csv {csv_path} does not end in .csv")
+        check_outputs(path, csv_path)
         plot_schedule(schedules, resolution, resolution, path, fmt)
         out.print(f"Wrote {path}", highlight=False)
         if csv_path:
@@ -265,6 +265,22 @@ def _check_new_run_dir(run_dir: Path) -> None:
                              "config.yaml, metrics.jsonl and samples/ there: choose a new or empty directory")
 
 
+MAX_PREVIEW = 2048  # blur-preview --size: a strip of 12 such tiles is already 100 MB
+MAX_PLOT = 512  # schedule-plot --size: 201 times x H x W log-SNRs in float64 (512: 420 MB)
+
+
+def _check_out_dir(out_dir: Path | None, *files: Path | None) -> None:
+    """``--out-dir`` holds one numbered PNG per sample: a folder (made if missing), never a file, and no other output
+    of the same command may land in it (a grid named 000001.png would replace sample 1)."""
+    if out_dir is None:
+        return
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} exists and is not a directory")
+    for f in files:
+        if f is not None and f.resolve().parent == out_dir.resolve():
+            raise UsageError(f"{f} is inside --out-dir {out_dir}, which holds only the numbered samples: write it elsewhere")
+
+
 GRID_MAX = 1024  # samples shown in one grid PNG
 RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the newest under ./runs).")]
 CkptOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file instead of --run.")]
@@ -308,14 +324,13 @@ def sample_cmd(
 
     from .engine import nfe
     from .generate import find_checkpoint, load_run, sample_batches
-    from .io import check_writable, image_format, make_grid, save_image, save_numbered
+    from .io import check_outputs, make_grid, save_image, save_numbered
 
     with user_errors():
         _check_sampling(n, steps, sampler, grid, batch_size)
         grid_path = out_path or (None if out_dir else Path("grid.png"))
-        for p in [grid_path, trajectory]:
-            if p is not None:
-                check_writable(p), image_format(p)
+        check_outputs(grid_path, trajectory, images=True)
+        _check_out_dir(out_dir, grid_path, trajectory)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
         r = load_run(find_checkpoint(run, checkpoint), ema=not no_ema, device=device)
@@ -400,11 +415,18 @@ def fid_cmd(
                 raise UsageError("--run needs --ref (a folder, zip, .npz or named reference)")
         elif a is None or (b is None and save_stats is None):
             raise UsageError("give two inputs (bdm fid A B), one input with --save-stats, or --run with --ref")
-        if save_stats is not None:
-            check_writable(save_stats)
         for source in (a, b, ref):
             if source is not None:
                 fid.check_input(source)
+        if save_stats is not None:
+            if save_stats.suffix.lower() != ".npz":
+                raise UsageError(f"--save-stats {save_stats} does not end in .npz")
+            check_writable(save_stats)
+            for source in (a, b, ref):  # never write the statistics over an input, or into a folder being read
+                if source is not None and Path(source).exists() and (
+                        Path(source).resolve() == save_stats.resolve() or Path(source).resolve() in save_stats.resolve().parents):
+                    raise UsageError(f"--save-stats {save_stats} would write into the input {source}")
+        _check_out_dir(out_dir, save_stats)
         model = fid.inception(dims, inception_weights, dev)
         weights_id = str(inception_weights or os.environ.get(fid.WEIGHTS_ENV, "pytorch-fid"))
         opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, weights_id=weights_id, use_cache=not no_cache)

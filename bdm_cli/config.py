@@ -95,6 +95,9 @@ class Config:
 
     def validate(self) -> "Config":
         """Check cross-field constraints; raises ConfigError."""
+        levels = len(self.model.channel_mult)
+        if not 1 <= levels <= 8:  # first: the checks below compute 2^(levels - 1)
+            raise ConfigError(f"model.channel_mult must have 1 to 8 levels, got {levels}")
         checks = [
             (self.sample.sampler in SAMPLERS, f"sample.sampler must be one of {', '.join(SAMPLERS)}"),
             (self.train.compile.lower() in ("auto", "true", "false"), "train.compile must be auto, true or false"),
@@ -116,12 +119,12 @@ class Config:
             (_DEVICE.fullmatch(self.train.device) is not None, f"train.device must be auto, cpu, cuda, cuda:N or mps, "
                                                                f"got {self.train.device!r}"),
             (0 <= self.model.dropout < 1, f"model.dropout must be in [0, 1), got {self.model.dropout:g}"),
-            (self.model.num_heads >= 1 and self.model.num_res_blocks >= 1 and min(self.model.channel_mult) >= 1,
+            (self.model.num_heads >= 1 and self.model.num_res_blocks >= 1 and min(self.model.channel_mult, default=0) >= 1,
              "model.num_heads, model.num_res_blocks and every model.channel_mult must be >= 1"),
             (self.model.num_heads < 1 or all(self.model.channels * m % self.model.num_heads == 0 for m in self.model.channel_mult),
              f"model.num_heads={self.model.num_heads} must divide every level's width (model.channels x channel_mult)"),
             (self.data.num_workers >= 0, f"data.num_workers must be >= 0, got {self.data.num_workers}"),
-            (self.data.resolution <= 4096, f"data.resolution must be <= 4096, got {self.data.resolution}"),
+            (self.data.resolution <= MAX_RESOLUTION, f"data.resolution must be <= {MAX_RESOLUTION}, got {self.data.resolution}"),
             (self.sample.n > 0 and self.sample.batch_size > 0, "sample.n and sample.batch_size must be > 0"),
             (math.isfinite(self.diffusion.sigma_blur_max), "diffusion.sigma_blur_max must be finite"),
             (1 <= self.sample.steps <= 4000 and 1 <= self.sample.preview_steps <= 4000, "sample.steps must be in 1..4000"),
@@ -132,6 +135,7 @@ class Config:
         return self
 
 
+MAX_RESOLUTION = 1024  # LSUN-scale images and beyond; larger would not fit a UNet in memory anyway
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
@@ -169,7 +173,9 @@ def preset_path(name: str) -> Path:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file (a preset is YAML text)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -214,7 +220,8 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
             return "" if value is None else str(value)
     except (TypeError, ValueError, OverflowError):
         what = {float: "a finite number", int: "a whole number (64-bit)", bool: "true or false"}.get(typ, typ.__name__)
-        raise ConfigError(f"{name} must be {what}, got {value!r}") from None
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConfigError(f"{name} must be {what}, got {shown}") from None
     raise ConfigError(f"{name}: unsupported type {typ}")  # pragma: no cover - a dataclass bug
 
 
@@ -239,7 +246,7 @@ def _merge(cfg: Config, data: dict, source: str) -> Config:
         try:
             cfg = replace(cfg, **{section: replace(current, **changes)})
         except ValueError as e:  # a dataclass's own checks (BlurSchedule validates itself)
-            raise ConfigError(f"{source}: {section}.{e}") from None
+            raise ConfigError(f"{source}: {section}.{e}") from None  # its messages start with the field's name
     return cfg
 
 

@@ -17,6 +17,7 @@ from .errors import UserError
 __all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "open_image", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+SPLIT_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev"}
 MAX_PIXELS = 8192 * 8192  # 67 megapixels, above any camera's photo: a larger declared size is refused before decoding
 # What reading one image (or zip member) can raise: a bad or truncated file, a corrupt deflate stream (zlib.error),
 # an encrypted member (RuntimeError), an unsupported compression method (NotImplementedError).
@@ -85,9 +86,11 @@ def load_image(path: Path | str, resolution: int, channels: int = 3) -> torch.Te
 
     path = Path(path)
     if not path.exists():
-        raise DataError(f"image not found: {path}")
+        raise DataError(f"image not found: {shown(path)}")
     if path.is_dir():
-        raise DataError(f"expected an image file, got a directory: {path}")
+        raise DataError(f"expected an image file, got a directory: {shown(path)}")
+    if not path.is_file():
+        raise DataError(f"{shown(path)} is not a regular file (a pipe or device?)")
     try:
         with open_image(path, path) as img:
             return preprocess(img, resolution, channels)
@@ -175,6 +178,13 @@ def _image_names(source: Path, split: str) -> list[str]:
             if chosen:
                 names = chosen
                 break
+        else:
+            # No such folder: a plain folder of images (or of class folders) is used whole, but one that holds other
+            # splits is not: training on its test images silently would be wrong.
+            splits = sorted({part for n in names for part in n.split("/")[:2][:-1] if part.lower() in SPLIT_NAMES})
+            if splits:
+                raise DataError(f"{shown(source)} has no {split!r} folder but has {', '.join(splits)}: choose one with "
+                                f"--set data.split=NAME, or --set data.split= for every image")
     if not names:
         raise DataError(f"no images found in {shown(source)}" + (f" (split {split!r})" if split else ""))
     return names
@@ -219,4 +229,6 @@ def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = 
     source = Path(dataset).expanduser()
     if not source.exists():
         raise DataError(f"dataset not found: {shown(source)} (expected digits, cifar10, a folder or a zip of images)")
+    if not (source.is_dir() or source.is_file()):
+        raise DataError(f"{shown(source)} is neither a folder nor a regular file (a pipe or device?)")
     return FileImages(source, _image_names(source, split), resolution, channels)

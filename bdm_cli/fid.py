@@ -413,7 +413,9 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
 def check_input(source: str) -> None:
     """Fail before the Inception loads if an input is neither a named reference nor an existing path."""
     if source not in NAMED_REFS and not Path(source).exists():
-        raise UserError(f"not found: {source} (a folder or zip of images, a .npz, or one of {', '.join(NAMED_REFS)})")
+        raise UserError(f"not found: {shown(source)} (a folder or zip of images, a .npz, or one of {', '.join(NAMED_REFS)})")
+    if source not in NAMED_REFS and not (Path(source).is_dir() or Path(source).is_file()):
+        raise UserError(f"{shown(source)} is neither a folder nor a regular file (a pipe or device?)")
 
 
 def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, feats: np.ndarray | None = None) -> Path:

@@ -20,7 +20,7 @@ import torch
 from .errors import UserError
 
 __all__ = ["OutputError", "atomic_write", "atomic_write_bytes", "remove_stale_temps", "to_uint8", "save_image", "save_numbered", "make_grid",
-           "check_writable", "image_format", "write_image"]
+           "check_writable", "check_outputs", "image_format", "write_image"]
 
 
 class OutputError(UserError):
@@ -43,6 +43,19 @@ def check_writable(path: Path) -> Path:
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output directory is not writable: {parent}")
     return path
+
+
+def check_outputs(*paths: Path | None, images: bool = False) -> None:
+    """Every output of one command: writable regular files (:func:`check_writable`), all different (two outputs of
+    one command must not overwrite each other), images with a known extension when ``images``."""
+    given = [Path(p) for p in paths if p is not None]
+    for p in given:
+        check_writable(p)
+        if images:
+            image_format(p)
+    resolved = [p.resolve() for p in given]
+    if len(set(resolved)) < len(resolved):
+        raise OutputError(f"two outputs of this command are the same file: {given[[resolved.count(r) for r in resolved].index(2)]}")
 
 
 def _umask() -> int:

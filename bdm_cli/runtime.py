@@ -10,7 +10,7 @@ import torch
 
 from .config import Config
 from .engine import precondition
-from .errors import UserError
+from .errors import UsageError, UserError
 
 __all__ = ["resolve_device", "bf16_native", "bf16_network", "compile_enabled", "compiled", "denoiser", "denoised_range",
            "load_weights"]
@@ -34,7 +34,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise UserError("--device mps was asked for but Apple's MPS is not available on this machine (use cpu or auto)")
         return torch.device("mps")
     if name != "cpu":
-        raise UserError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)")
+        raise UsageError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)")
     return torch.device("cpu")
 
 
@@ -85,6 +85,9 @@ def load_weights(model: torch.nn.Module, state: dict) -> None:
     missing = [k for k in own if k not in state]
     if missing:
         raise UserError(f"checkpoint does not fit this model: weight {missing[0]!r} is missing (another config?)")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise UserError(f"the checkpoint's weights are not finite (NaN or inf in {broken[0]!r}): it cannot sample anything")
     model.load_state_dict(state)
 
 

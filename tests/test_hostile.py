@@ -321,3 +321,89 @@ def test_fuzz_hostile_inputs(good_run, tmp_path, monkeypatch):
     assert not failures, failures
     assert _snapshot(good_run) == protected
     assert not list(Path.cwd().glob("runs")), "a case wrote into the working directory"
+
+
+# -- a hostile user's round (2026-11-27, about 190 cases): what it found, one test per class ---------------------------
+
+def test_outputs_never_collide_with_inputs_or_each_other(good_run, tmp_path, image_file):
+    folder = _images(tmp_path / "imgs", n=3)
+    before = _snapshot(folder)
+    msg = one_line_error(invoke("fid", folder, "--save-stats", folder / "0.png"), 2)
+    assert ".npz" in msg
+    msg = one_line_error(invoke("fid", folder, "--save-stats", folder / "stats.npz"), 2)
+    assert "into the input" in msg
+    msg = one_line_error(invoke("schedule-plot", "--preset", "tiny", "--out", tmp_path / "x.png", "--csv", folder / "0.png"), 2)
+    assert ".csv" in msg
+    one_line_error(invoke("schedule-plot", "--preset", "tiny", "--out", tmp_path / "s.svg", "--csv", tmp_path / "s.svg"), 2)
+    msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--steps", 2, "--out", tmp_path / "g.png",
+                                "--trajectory", tmp_path / "g.png"), 1)
+    assert "same file" in msg
+    msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--steps", 2, "--out-dir", folder,
+                                "--out", folder / "000001.png"), 2)
+    assert "--out-dir" in msg
+    (tmp_path / "afile").write_text("x")
+    msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--steps", 2, "--out-dir", tmp_path / "afile"), 2)
+    assert "not a directory" in msg
+    assert _snapshot(folder) == before
+
+
+@pytest.mark.parametrize("args", [
+    ["schedule-plot", "--preset", "tiny", "--set", "model.channel_mult=[]"],
+    ["schedule-plot", "--preset", "tiny", "--size", "100000"],
+    ["schedule-plot", "--preset", "tiny", "--size", "2048"],
+    ["schedule-plot", "--preset", "tiny", "--compare", "nan"],
+    ["schedule-plot", "--preset", "tiny", "--compare", "inf"],
+    ["blur-preview", "IMAGE", "--preset", "tiny", "--size", "100000"],
+    ["train", "--preset", "tiny", "--set", "data.resolution=4096"],
+    ["sample", "--run", "RUN", "--device", "cpu:0"],
+    ["sample", "--run", "RUN", "--device", ""],
+])
+def test_values_that_ran_out_of_memory_or_crashed(good_run, tmp_path, image_file, args):
+    args = [{"IMAGE": image_file, "RUN": good_run}.get(a, a) for a in args]
+    r = invoke(*args, "--out", tmp_path / ("r" if args[0] == "train" else "o.png"))
+    one_line_error(r, 2)
+
+
+def test_presets_that_are_not_text_or_contradict_themselves(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00d\x00a\x00t\x00a")
+    assert "UTF-8" in one_line_error(invoke("schedule-plot", "--preset", binary, "--out", tmp_path / "s.png"), 2)
+    bad = tmp_path / "logsnr.yaml"
+    bad.write_text("diffusion:\n  logsnr_min: 10\n  logsnr_max: -10\n")
+    msg = one_line_error(invoke("schedule-plot", "--preset", bad, "--out", tmp_path / "s.png"), 2)
+    assert "diffusion.logsnr_min must be < logsnr_max" in msg
+    msg = one_line_error(invoke("schedule-plot", "--preset", "tiny", "--set", "model.channel_mult=[" + "1," * 5000 + "1]",
+                                "--out", tmp_path / "s.png"), 2)
+    assert len(msg) < 200
+
+
+def test_inputs_that_are_pipes_are_refused_not_waited_on(tmp_path):
+    for name in ("fifo.png", "fifo.zip", "fifo.npz"):
+        os.mkfifo(tmp_path / name)
+    one_line_error(invoke("blur-preview", tmp_path / "fifo.png", "--preset", "tiny", "--out", tmp_path / "p.png"), 1)
+    one_line_error(invoke("train", "--preset", "tiny", "--data", tmp_path / "fifo.zip", "--out", tmp_path / "r"), 1)
+    one_line_error(invoke("fid", tmp_path / "fifo.npz", tmp_path / "fifo.npz"), 1)
+
+
+def test_non_finite_weights_newer_formats_and_directories_named_like_checkpoints(good_run, tmp_path):
+    state = load_checkpoint(good_run / "checkpoint.pt")
+    state["ema"] = {k: torch.full_like(v, float("nan")) for k, v in state["ema"].items()}
+    torch.save(state, tmp_path / "nan.pt")
+    assert "not finite" in one_line_error(invoke("sample", "--checkpoint", tmp_path / "nan.pt", "--n", 2, "--steps", 2,
+                                                 "--out", tmp_path / "g.png"), 1)
+    state = load_checkpoint(good_run / "checkpoint.pt")
+    state["format"] = 99
+    torch.save(state, tmp_path / "new.pt")
+    assert "newer bdm" in one_line_error(invoke("sample", "--checkpoint", tmp_path / "new.pt", "--out", tmp_path / "g.png"), 1)
+    (tmp_path / "cdir" / "checkpoint.pt").mkdir(parents=True)
+    assert "not a checkpoint file" in one_line_error(invoke("sample", "--run", tmp_path / "cdir", "--out", tmp_path / "g.png"), 1)
+
+
+def test_a_missing_split_beside_other_splits_is_an_error(tmp_path):
+    _images(tmp_path / "ds" / "test", n=4)
+    msg = one_line_error(invoke("train", "--preset", "tiny", "--data", tmp_path / "ds", "--out", tmp_path / "r", "--steps", 1), 1)
+    assert "no 'train' folder but has test" in msg
+    _images(tmp_path / "flat", n=4)  # a plain folder of images is still used whole
+    r = invoke("train", "--preset", "tiny", "--data", tmp_path / "flat", "--out", tmp_path / "r2", "--steps", 1,
+               "--set", "train.batch_size=2")
+    assert r.exit_code == 0, r.output

@@ -41,12 +41,12 @@ class BlurSchedule:
     def __post_init__(self) -> None:
         if self.blur not in BLURS:
             raise ValueError(f"blur must be one of {', '.join(BLURS)}, got {self.blur!r}")
-        if not self.sigma_blur_max >= 0:
-            raise ValueError(f"sigma_blur_max must be >= 0, got {self.sigma_blur_max}")
+        if not (self.sigma_blur_max >= 0 and math.isfinite(self.sigma_blur_max)):
+            raise ValueError(f"sigma_blur_max must be a finite number >= 0, got {self.sigma_blur_max}")
         if not 0 < self.d_min <= 1:
             raise ValueError(f"d_min must be in (0, 1], got {self.d_min}")
         if not self.logsnr_min < self.logsnr_max:
-            raise ValueError(f"need logsnr_min < logsnr_max, got {self.logsnr_min} >= {self.logsnr_max}")
+            raise ValueError(f"logsnr_min must be < logsnr_max, got {self.logsnr_min} >= {self.logsnr_max}")
 
     # -- the base cosine schedule -------------------------------------------------
     @property
@@ -84,11 +84,17 @@ class BlurSchedule:
         l = (math.pi / width) * torch.arange(width, dtype=dtype, device=device)
         return k[:, None] ** 2 + l[None, :] ** 2
 
+    def damping(self, lam_tau: torch.Tensor) -> torch.Tensor:
+        """``(1 - d_min) exp(-lambda tau) + d_min`` for given ``lambda tau``. Past ``40 - log(d_min)`` the exponential is
+        below half an ulp of d_min (e^-40 < 2^-54), so capping it there changes no result, and it keeps exp out of
+        subnormal numbers, which are 20x slower on CPUs (blurred-out frequencies reach lambda tau of thousands)."""
+        return (1 - self.d_min) * torch.exp(-lam_tau.clamp(max=40.0 - math.log(self.d_min))) + self.d_min
+
     def d(self, t: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Per-frequency damping ``d_t = (1 - d_min) exp(-lambda tau_t) + d_min``, shape [B, 1, H, W]."""
         tau = (self.sigma_blur(t) ** 2 / 2).reshape(-1, 1, 1, 1)
         lam = self.frequencies(height, width, dtype=t.dtype, device=t.device)
-        return (1 - self.d_min) * torch.exp(-lam * tau) + self.d_min
+        return self.damping(lam * tau)
 
     def alpha_sigma(self, t: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``alpha_t = a_t d_t`` per frequency, shape [B, 1, H, W], and ``sigma_t``, shape [B, 1, 1, 1]."""
