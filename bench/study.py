@@ -433,6 +433,8 @@ def report(r: dict, command: str) -> str:
         lines.append(f"| {name} | {row['params'] / 1e6:.2f}M | {cells(v)} | {row['train_min']:.1f} min | "
                      f"{(v['sample_s'] + v['score_s']) / 60:.1f} min |")
     lines.append(f"| floor: two halves of the digits ({fl['n']} against {fl['n_ref']}) | | {cells(fl)} | | |")
+    lines += ["", "Training and scoring minutes are wall time as measured, each when its row was first computed (later runs "
+              "reuse the caches): a row computed while the machine ran other jobs shows more minutes than the work needs."]
     best_bdm = min((k for k in r["rows"] if k != PEER), key=lambda k: r["rows"][k]["final"]["kid"])
     b = r["rows"][best_bdm]["final"]
     lines += ["", f"Best bdm row by KID: {best_bdm} (FID {b['fid']:.2f}, KID {b['kid'] * 1e3:.2f}e-3; "
