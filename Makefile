@@ -6,6 +6,8 @@ BDM    := $(VENV)/bin/bdm
 OUT    ?= demo_out
 # The demo's run goes where `bdm sample` looks without --run (the newest runs/*/).
 DEMO_RUN ?= runs/demo
+# The benchmarks' peers (and tests/test_bench_gpu.py's smoke run of them) live in their own venv, never in .venv.
+BENCH_VENV := .bench-venv
 
 .PHONY: demo test bench study gpu-check gpu-carry install clean
 
@@ -37,8 +39,6 @@ test: install $(BENCH_VENV)/.installed
 # BENCH_ARGS passes options to bench/run.py (e.g. --train-steps 120 --n 50 for smaller items 5 and 6).
 # The peers (denoising-diffusion-pytorch, diffusers) go into their own venv, never into the project's:
 # it sees the project's packages (torch included) through a .pth file and adds only the peers.
-BENCH_VENV := .bench-venv
-
 $(BENCH_VENV)/.installed: $(VENV)/.installed
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(PY) -c "import site; print(site.getsitepackages()[0])" > $$($(BENCH_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])")/bdm_project.pth
