@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import reprlib
 import zipfile
 from pathlib import Path
 
@@ -62,7 +63,15 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
 
 
 def _tensors(value) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) and v.layout == torch.strided
+                                           for k, v in value.items())
+
+
+def _count(value) -> bool:
+    """A step count: a non-negative int, or a 0-d integer tensor holding one."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex() and int(value) >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_contents(state: dict, path: Path) -> None:
@@ -74,8 +83,8 @@ def _check_contents(state: dict, path: Path) -> None:
         bad = "'config' is not a mapping"
     elif not _tensors(state["model"]) or ("ema" in state and not _tensors(state["ema"])):
         bad = "'model'/'ema' are not mappings of names to tensors"
-    elif isinstance(step, bool) or not isinstance(step, (int, torch.Tensor)) or int(step) < 0:
-        bad = f"'step' is not a count of steps ({type(step).__name__})"
+    elif not _count(step):
+        bad = f"'step' is not a count of steps ({reprlib.repr(step)})"
     elif "data_stats" in state and not _tensors(state["data_stats"]):
         bad = "'data_stats' is not a mapping of names to tensors"
     elif "opt" in state and not isinstance(state["opt"], dict):
@@ -98,11 +107,20 @@ def check_resumable(state: dict, path: Path, world: int) -> None:
 def check_data_stats(stats: dict | None, cfg: Config, path: Path) -> None:
     """The stored per-frequency data statistics fit the model's images: each [channels, resolution, resolution], finite."""
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-    for key, value in (stats or {}).items():
+    stats = stats or {}
+    for key, value in stats.items():
         if key in ("mean_u", "var_u", "min_u", "max_u") and (tuple(value.shape) != shape or not value.is_floating_point()
                                                              or not torch.isfinite(value).all()):
             raise CheckpointError(f"{path}: data_stats.{key} must be finite floats of shape {list(shape)}, got "
                                   f"{value.dtype} {list(value.shape)}")
+    if stats and not {"mean_u", "var_u"} <= stats.keys():
+        raise CheckpointError(f"{path}: data_stats has no mean_u/var_u (the preconditioner's Gaussian)")
+    if ("min_u" in stats) != ("max_u" in stats):
+        raise CheckpointError(f"{path}: data_stats holds only one of min_u and max_u")
+    if "var_u" in stats and not (stats["var_u"] > 0).all():
+        raise CheckpointError(f"{path}: data_stats.var_u must be positive")
+    if "min_u" in stats and not (stats["min_u"] <= stats["max_u"]).all():
+        raise CheckpointError(f"{path}: data_stats.min_u exceeds max_u")
 
 
 def checkpoint_config(state: dict) -> Config:

@@ -172,8 +172,8 @@ def schedule_plot_cmd(
                 values = [float(v) for v in compare.split(",") if v.strip()]
             except ValueError:
                 raise UsageError(f"--compare must be comma-separated numbers, got {compare!r}") from None
-            if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-                raise UsageError(f"--compare needs finite sigma_blur_max values >= 0, got {compare!r}")
+            if not values or not all(0 <= v <= 1000 for v in values):
+                raise UsageError(f"--compare needs sigma_blur_max values in [0, 1000], got {compare!r}")
             schedules = [replace(schedule, sigma_blur_max=v) for v in values]
         resolution = size or cfg.data.resolution
         if not 2 <= resolution <= MAX_PLOT:
@@ -225,6 +225,9 @@ def train_cmd(
             cfg = load_config(preset or "digits", overrides)
             run_dir = out_dir or Path("runs") / cfg.preset
             _check_new_run_dir(run_dir)
+            source = Path(cfg.data.dataset).expanduser()
+            if source.is_dir() and (source.resolve() == run_dir.resolve() or source.resolve() in run_dir.resolve().parents):
+                raise UsageError(f"--out {run_dir} is inside the dataset {source}: its sample grids would become training data")
             run_dir.mkdir(parents=True, exist_ok=True)
         main = int(os.environ.get("RANK", "0")) == 0
         if main:
@@ -246,7 +249,7 @@ def train_cmd(
             raise typer.Exit(130 if result["stopped_by"] == "SIGINT" else 143)
 
 
-_RUN_FILES = {"checkpoint.pt", "config.yaml", "metrics.jsonl", "samples", "tb"}
+_RUN_FILES = {"checkpoint.pt", "config.yaml", "metrics.jsonl", "samples", "tb", ".lock"}
 
 
 def _check_new_run_dir(run_dir: Path) -> None:
@@ -259,26 +262,50 @@ def _check_new_run_dir(run_dir: Path) -> None:
     if (run_dir / CHECKPOINT).exists():
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
     if run_dir.is_dir():
-        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in _RUN_FILES and not p.name.endswith(".tmp"))
+        foreign = sorted(p.name for p in run_dir.iterdir() if (p.name not in _RUN_FILES and not p.name.endswith(".tmp"))
+                         or p.is_symlink() or (p.name == "config.yaml" and not _is_bdm_config(p)))
         if foreign:
             raise UsageError(f"--out {run_dir} holds files that are not a bdm run's ({foreign[0]!r}...); bdm train writes "
                              "config.yaml, metrics.jsonl and samples/ there: choose a new or empty directory")
+
+
+def _is_bdm_config(path: Path) -> bool:
+    """Whether ``path`` is a config.yaml that bdm wrote (a stopped run's), not a user's own file of that name."""
+    import yaml
+
+    from .config import ConfigError, from_dict
+
+    try:
+        from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+        return True
+    except (ConfigError, OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return False
 
 
 MAX_PREVIEW = 2048  # blur-preview --size: a strip of 12 such tiles is already 100 MB
 MAX_PLOT = 512  # schedule-plot --size: 201 times x H x W log-SNRs in float64 (512: 420 MB)
 
 
-def _check_out_dir(out_dir: Path | None, *files: Path | None) -> None:
-    """``--out-dir`` holds one numbered PNG per sample: a folder (made if missing), never a file, and no other output
-    of the same command may land in it (a grid named 000001.png would replace sample 1)."""
+def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs: list = ()) -> None:
+    """``--out-dir`` holds one numbered PNG per sample: a folder (made if missing), never a file or a link, never an
+    input's folder, no other output of the same command in it (a grid named 000001.png would replace sample 1), and
+    no file of its own already there under the names it would write (nothing already written is replaced)."""
     if out_dir is None:
         return
-    if out_dir.exists() and not out_dir.is_dir():
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise UsageError(f"--out-dir {out_dir} exists and is not a directory")
+    here = out_dir.resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if Path(source).exists() and (src == here or src in here.parents or here in src.parents):
+            raise UsageError(f"--out-dir {out_dir} overlaps the input {source}: the samples would be read as input")
     for f in files:
-        if f is not None and f.resolve().parent == out_dir.resolve():
+        if f is not None and f.resolve().parent == here:
             raise UsageError(f"{f} is inside --out-dir {out_dir}, which holds only the numbered samples: write it elsewhere")
+    taken = [f"{i:06d}.png" for i in range(n) if (out_dir / f"{i:06d}.png").exists() or (out_dir / f"{i:06d}.png").is_symlink()]
+    if taken:
+        raise UsageError(f"--out-dir {out_dir} already holds {len(taken)} of the files it would write ({taken[0]}, ...): "
+                         "choose an empty folder or remove them")
 
 
 GRID_MAX = 1024  # samples shown in one grid PNG
@@ -330,7 +357,7 @@ def sample_cmd(
         _check_sampling(n, steps, sampler, grid, batch_size)
         grid_path = out_path or (None if out_dir else Path("grid.png"))
         check_outputs(grid_path, trajectory, images=True)
-        _check_out_dir(out_dir, grid_path, trajectory)
+        _check_out_dir(out_dir, grid_path, trajectory, n=n)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
         r = load_run(find_checkpoint(run, checkpoint), ema=not no_ema, device=device)
@@ -402,6 +429,8 @@ def fid_cmd(
         dev = resolve_device(device)
         if batch_size <= 0:
             raise UsageError(f"--batch-size must be positive, got {batch_size}")
+        if workers is not None and workers < 0:
+            raise UsageError(f"--workers must be >= 0, got {workers}")
         if kid_subsets <= 0:
             raise UsageError(f"--kid-subsets must be positive, got {kid_subsets}")
         if kid_subset_size < 2:  # the unbiased estimate averages over pairs of distinct images
@@ -426,7 +455,7 @@ def fid_cmd(
                 if source is not None and Path(source).exists() and (
                         Path(source).resolve() == save_stats.resolve() or Path(source).resolve() in save_stats.resolve().parents):
                     raise UsageError(f"--save-stats {save_stats} would write into the input {source}")
-        _check_out_dir(out_dir, save_stats)
+        _check_out_dir(out_dir, save_stats, n=n if sampling else 0, inputs=[x for x in (a, b, ref) if x is not None])
         model = fid.inception(dims, inception_weights, dev)
         weights_id = str(inception_weights or os.environ.get(fid.WEIGHTS_ENV, "pytorch-fid"))
         opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, weights_id=weights_id, use_cache=not no_cache)

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
@@ -171,9 +172,20 @@ def preset_path(name: str) -> Path:
     return _presets_dir() / f"{name}.yaml"
 
 
+class _PresetLoader(yaml.SafeLoader):
+    """safe_load without aliases: a preset never needs them, and nested aliases ("billion laughs") expand a
+    700-byte file into gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases (*name) are not allowed in presets (line {mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_PresetLoader)  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file (a preset is YAML text)") from None
     except yaml.YAMLError as e:
@@ -220,7 +232,7 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
             return "" if value is None else str(value)
     except (TypeError, ValueError, OverflowError):
         what = {float: "a finite number", int: "a whole number (64-bit)", bool: "true or false"}.get(typ, typ.__name__)
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        shown = reprlib.repr(value)  # bounded, however large the value
         raise ConfigError(f"{name} must be {what}, got {shown}") from None
     raise ConfigError(f"{name}: unsupported type {typ}")  # pragma: no cover - a dataclass bug
 
@@ -258,9 +270,13 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         data = _read_yaml(path)
         parent = data.pop("extends", None)
         if parent:
-            if parent in _seen:
+            parent = str(parent)
+            beside = path.parent / parent
+            if Path(parent).suffix in (".yaml", ".yml") and not Path(parent).is_absolute() and beside.is_file():
+                parent = str(beside)  # a file named by a preset is found beside that preset, not in the current folder
+            if parent in _seen or str(path) in _seen:
                 raise ConfigError(f"{path}: preset 'extends' loop through {parent!r}")
-            cfg = load_config(str(parent), (), _seen + (preset,))
+            cfg = load_config(parent, (), _seen + (preset, str(path)))
         cfg = replace(_merge(cfg, data, path.name), preset=path.stem)
     return apply_overrides(cfg, overrides).validate()
 

@@ -56,6 +56,9 @@ def preprocess(img, resolution: int, channels: int = 3) -> torch.Tensor:
     # draft() lets JPEG decode at a reduced scale: huge photos never decode at full size.
     img.draft("L" if channels == 1 else "RGB", (resolution, resolution))
     img = ImageOps.exif_transpose(img)  # a phone's portrait photo is stored sideways with an orientation tag
+    if img.mode == "F":  # 32-bit float: [0, 1] (HDR/scientific TIFFs) or 0..255
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(arr * (255.0 if arr.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8))
     if img.mode.startswith("I"):
         # 16-bit: 0..65535 maps to 0..255 (65535 / 257 = 255); 32-bit 'I' holding 8-bit values stays as is.
         arr = np.asarray(img, dtype=np.float64)
@@ -166,6 +169,9 @@ def _image_names(source: Path, split: str) -> list[str]:
         try:
             with zipfile.ZipFile(source) as z:
                 names = sorted(n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX"))
+            if len(set(names)) < len(names):  # zipfile reads only the last of members with one name
+                dup = next(n for i, n in enumerate(names[1:]) if n == names[i])
+                raise DataError(f"the zip {shown(source)} holds several members named {shown(dup)!r}; only one could be read")
         except (*READ_ERRORS, zipfile.LargeZipFile) as e:
             raise DataError(f"cannot read the zip {shown(source)}: its directory is damaged ({type(e).__name__}: {shown(e)})") from None
     else:

@@ -355,7 +355,7 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
         key = hashlib.sha256(f"{source}:{dims}:{weights_id}".encode()).hexdigest()
         batches = lambda: iter(images.split(batch_size))  # noqa: E731
         count = len(images)
-    elif path.suffix == ".npz" and path.is_file():
+    elif path.suffix.lower() == ".npz" and path.is_file():
         if on_count:
             on_count(0)  # no images to read
         return read_stats(path, dims)

@@ -250,6 +250,10 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.data.num_workers, pin_memory=cuda,
                                          collate_fn=collate_valid, generator=torch.Generator())  # keeps the global RNG untouched
     if ddp.main:
+        for name in ("checkpoint.pt", "config.yaml", "metrics.jsonl", "samples", "tb"):
+            if (run_dir / name).is_symlink():  # appending metrics or writing grids would go through it, elsewhere
+                raise UserError(f"{run_dir / name} is a symbolic link; a run directory holds only its own files")
+        lock = _lock(run_dir)  # noqa: F841 - held (open) until train() returns
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         for folder in (run_dir, run_dir / "samples"):  # what a killed (kill -9) writer left behind
             remove_stale_temps(folder)
@@ -349,6 +353,22 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     return {"step": step, "loss": last_loss, "interrupted": stopped_by is not None, "stopped_by": stopped_by,
             "skipped_batches": skipped_batches, "skipped_images": skipped_images, "device": str(device), "world": ddp.world,
             "model": model, "ema": ema}
+
+
+def _lock(run_dir: Path):
+    """An exclusive lock on the run directory for the whole training: a second ``bdm train`` into it (by mistake,
+    or a scheduler's duplicate) stops at once instead of mixing its checkpoints and metrics with the first's."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"another bdm train is writing into {run_dir} (it holds {run_dir / '.lock'}); wait for it or choose "
+                        "another --out") from None
+    return f
 
 
 def _tensorboard(run_dir: Path):

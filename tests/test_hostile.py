@@ -235,7 +235,7 @@ def test_train_never_writes_over_a_users_folder(tmp_path):
     mine.mkdir()
     (mine / "config.yaml").write_text("my own config\n")
     (mine / "notes.txt").write_text("mine\n")
-    msg = one_line_error(invoke("train", "--preset", "tiny", "--out", mine, "--steps", 1), 2)
+    assert "config.yaml" in msg or "notes.txt" in msg
     assert "notes.txt" in msg
     assert (mine / "config.yaml").read_text() == "my own config\n"
 
@@ -407,3 +407,98 @@ def test_a_missing_split_beside_other_splits_is_an_error(tmp_path):
     r = invoke("train", "--preset", "tiny", "--data", tmp_path / "flat", "--out", tmp_path / "r2", "--steps", 1,
                "--set", "train.batch_size=2")
     assert r.exit_code == 0, r.output
+
+
+# -- a second hostile round (2026-11-27, about 170 cases) ---------------------------------------------------------------
+
+def test_run_folders_keep_users_files_links_and_other_runs_out(tmp_path):
+    mine = tmp_path / "d1"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: config\n")
+    assert "config.yaml" in one_line_error(invoke("train", "--preset", "tiny", "--out", mine, "--steps", 1), 2)
+    assert (mine / "config.yaml").read_text() == "my: config\n"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    linked = tmp_path / "d2"
+    linked.mkdir()
+    (linked / "metrics.jsonl").symlink_to(victim)
+    one_line_error(invoke("train", "--preset", "tiny", "--out", linked, "--steps", 1), 2)
+    assert victim.read_text() == "mine\n"
+    data = _images(tmp_path / "imgs", n=4)
+    msg = one_line_error(invoke("train", "--preset", "tiny", "--data", data, "--out", data / "run", "--steps", 1,
+                                "--set", "data.split="), 2)
+    assert "inside the dataset" in msg
+
+
+def test_a_second_training_into_the_same_run_is_refused(tmp_path):
+    from bdm_cli.errors import UserError
+    from bdm_cli.train import _lock
+
+    held = _lock(tmp_path)
+    with pytest.raises(UserError, match="another bdm train"):
+        _lock(tmp_path)
+    held.close()
+    _lock(tmp_path).close()  # free again once the first one ends
+
+
+def test_out_dir_never_replaces_files_or_writes_into_an_input(good_run, tmp_path):
+    photos = _images(tmp_path / "photos", n=2)
+    (photos / "000000.png").write_bytes((photos / "0.png").read_bytes())
+    before = _snapshot(photos)
+    msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--steps", 2, "--out-dir", photos), 2)
+    assert "000000.png" in msg
+    msg = one_line_error(invoke("fid", "--run", good_run, "--ref", photos, "--out-dir", photos / "s", "--n", 2), 2)
+    assert "overlaps the input" in msg
+    one_line_error(invoke("fid", photos, photos, "--workers", -1), 2)
+    assert _snapshot(photos) == before
+
+
+@pytest.mark.parametrize("change", [
+    lambda s: s["data_stats"].pop("max_u"), lambda s: s["data_stats"].pop("var_u"),
+    lambda s: s.update(step=torch.tensor([1, 2])), lambda s: s.update(step=torch.tensor(float("nan"))),
+    lambda s: s.update(ema={k: v.to_sparse() for k, v in s["ema"].items()}),
+    lambda s: s["data_stats"].update(var_u=-s["data_stats"]["var_u"]),
+    lambda s: s["data_stats"].update(min_u=s["data_stats"]["max_u"] + 1),
+])
+def test_checkpoint_contents_round_two(good_run, tmp_path, change):
+    state = load_checkpoint(good_run / "checkpoint.pt")
+    change(state)
+    torch.save(state, tmp_path / "c.pt")
+    one_line_error(invoke("sample", "--checkpoint", tmp_path / "c.pt", "--n", 2, "--steps", 2, "--out", tmp_path / "g.png"), 1)
+
+
+@pytest.mark.parametrize("value", ["diffusion.logsnr_min=-2000", "diffusion.sigma_blur_max=1e200", "diffusion.logsnr_max=80"])
+def test_schedule_values_that_overflow(tmp_path, value):
+    one_line_error(invoke("schedule-plot", "--preset", "tiny", "--set", value, "--out", tmp_path / "s.png"), 2)
+
+
+def test_presets_extend_beside_themselves_and_refuse_aliases(tmp_path, monkeypatch, image_file):
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "ext" / "base.yaml").write_text("extends: tiny\ndata:\n  resolution: 16\n")
+    (tmp_path / "ext" / "child.yaml").write_text("extends: base.yaml\n")
+    (tmp_path / "base.yaml").write_text("extends: tiny\ndata:\n  resolution: 32\n")
+    monkeypatch.chdir(tmp_path)
+    from bdm_cli.config import load_config
+
+    assert load_config(str(tmp_path / "ext" / "child.yaml")).data.resolution == 16
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\ntrain:\n  lr: [*b, *b]\n")
+    assert "aliases" in one_line_error(invoke("blur-preview", image_file, "--preset", bomb, "--out", tmp_path / "p.png"), 2)
+
+
+def test_float_images_duplicate_zip_names_and_upper_case_npz(tmp_path):
+    from bdm_cli.data import load_image
+
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), "F").save(tmp_path / "f.tif")
+    assert abs(float(load_image(tmp_path / "f.tif", 8, 1).mean())) < 0.01  # 0.5 is mid-grey, not black
+    folder = _images(tmp_path / "src", n=2)
+    with zipfile.ZipFile(tmp_path / "dup.zip", "w") as z:
+        for p in folder.iterdir():
+            z.write(p, "same.png")
+    assert "several members" in one_line_error(invoke("train", "--preset", "tiny", "--data", tmp_path / "dup.zip",
+                                                      "--out", tmp_path / "r"), 1)
+    from bdm_cli.fid import stats_of
+
+    with open(tmp_path / "S.NPZ", "wb") as f:  # np.savez would add ".npz" to a name ending in ".NPZ"
+        np.savez(f, mu=np.zeros(2048), sigma=np.eye(2048))
+    assert stats_of(str(tmp_path / "S.NPZ"), None, dims=2048, device="cpu")[0].shape == (2048,)

@@ -41,12 +41,12 @@ class BlurSchedule:
     def __post_init__(self) -> None:
         if self.blur not in BLURS:
             raise ValueError(f"blur must be one of {', '.join(BLURS)}, got {self.blur!r}")
-        if not (self.sigma_blur_max >= 0 and math.isfinite(self.sigma_blur_max)):
-            raise ValueError(f"sigma_blur_max must be a finite number >= 0, got {self.sigma_blur_max}")
+        if not 0 <= self.sigma_blur_max <= 1000:  # beyond the image's size every frequency is blurred out anyway
+            raise ValueError(f"sigma_blur_max must be in [0, 1000], got {self.sigma_blur_max}")
         if not 0 < self.d_min <= 1:
             raise ValueError(f"d_min must be in (0, 1], got {self.d_min}")
-        if not self.logsnr_min < self.logsnr_max:
-            raise ValueError(f"logsnr_min must be < logsnr_max, got {self.logsnr_min} >= {self.logsnr_max}")
+        if not -50 <= self.logsnr_min < self.logsnr_max <= 50:  # the paper clips to [-10, 10]; exp(25) stays finite
+            raise ValueError(f"logsnr_min must be < logsnr_max, both in [-50, 50], got {self.logsnr_min} and {self.logsnr_max}")
 
     # -- the base cosine schedule -------------------------------------------------
     @property
