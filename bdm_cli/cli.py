@@ -564,8 +564,22 @@ def _train_progress(total: int, enabled: bool = True):
 
 
 def run() -> None:
-    app()
+    """The ``bdm`` entry point: Click's own usage errors (an unknown option, a missing argument, ``--n 1.5``) also
+    become one ``Error:`` line and exit 2, like bdm's, instead of a usage box."""
+    try:
+        code = app(prog_name="bdm", standalone_mode=False)
+    except typer.Abort:  # Ctrl-C while Click itself runs
+        console.print("[yellow]Interrupted.[/]")
+        sys.exit(130)
+    except Exception as e:
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not one of Click's (Typer's) usage errors
+            raise
+        ctx = getattr(e, "ctx", None)
+        console.print(f"[bold red]Error:[/] {e.format_message()} (see `{ctx.command_path if ctx else 'bdm'} --help`)",
+                      highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run())
+    run()

@@ -502,3 +502,16 @@ def test_float_images_duplicate_zip_names_and_upper_case_npz(tmp_path):
     with open(tmp_path / "S.NPZ", "wb") as f:  # np.savez would add ".npz" to a name ending in ".NPZ"
         np.savez(f, mu=np.zeros(2048), sigma=np.eye(2048))
     assert stats_of(str(tmp_path / "S.NPZ"), None, dims=2048, device="cpu")[0].shape == (2048,)
+
+
+def test_the_cli_own_usage_errors_are_one_line_too():
+    """Click's (Typer's) parse errors through the real entry point: one Error: line, exit 2, no usage box."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    for args in (["sample", "--n", "1.5"], ["train", "--bogus"], ["blur-preview"]):
+        p = subprocess.run([sys.executable, "-m", "bdm_cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        lines = [line for line in (p.stdout + p.stderr).splitlines() if line.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error: "), (args, p.returncode, lines)
