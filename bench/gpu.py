@@ -63,6 +63,7 @@ from bdm_cli.io import atomic_write, to_uint8  # noqa: E402
 from bdm_cli.runtime import bf16_network, compiled, denoiser  # noqa: E402
 from bdm_cli.train import make_optimizer, train, train_step  # noqa: E402
 from bdm_cli.unet import build_model, count_parameters  # noqa: E402
+import study  # noqa: E402  (bench/study.py: write_section)
 from quality import ema_decay_for  # noqa: E402  (bench/quality.py: an EMA horizon of a tenth of the run)
 
 MARKERS = ("<!-- gpu: written by bench/gpu.py -->", "<!-- /gpu -->")
@@ -470,7 +471,7 @@ def score(args) -> None:
         with atomic_write(src / "report.json", "w") as f:
             json.dump(report, f, indent=1, default=str)
     tuned = [json.loads((Path(d) / "report.json").read_text()) for d in args.tuned]
-    write_section(section(report, [r for r in tuned if "tune" in r]), Path(args.docs))
+    study.write_section(section(report, [r for r in tuned if "tune" in r]), Path(args.docs), MARKERS)
     print(summary(report))
 
 
@@ -547,17 +548,6 @@ def section(report: dict, tuned_reports: list[dict] = ()) -> str:
             lines += [f"Part `{key}` failed: `{report[key]['error']}`", ""]
     lines.append(MARKERS[1])
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path) -> None:
-    page = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARKERS[0] in page and MARKERS[1] in page:
-        head, rest = page.split(MARKERS[0], 1)
-        page = head + text + rest.split(MARKERS[1], 1)[1]
-    else:
-        page = page.rstrip("\n") + "\n\n" + text + "\n"
-    with atomic_write(path, "w") as f:
-        f.write(page)
 
 
 def smoke_data(folder: Path) -> Path:

@@ -487,12 +487,13 @@ def report(r: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path) -> None:
-    """Put the study's section into docs/benchmarks.md, replacing the previous one (bench/run.py keeps it)."""
+def write_section(text: str, path: Path, markers: tuple[str, str] = MARKERS) -> None:
+    """Put a section between ``markers`` into docs/benchmarks.md, replacing the previous one (bench/run.py keeps it):
+    the study's, or bench/gpu.py's."""
     page = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARKERS[0] in page and MARKERS[1] in page:
-        head, rest = page.split(MARKERS[0], 1)
-        page = head + text + rest.split(MARKERS[1], 1)[1]
+    if markers[0] in page and markers[1] in page:
+        head, rest = page.split(markers[0], 1)
+        page = head + text + rest.split(markers[1], 1)[1]
     else:
         page = page.rstrip("\n") + "\n\n" + text + "\n"
     with atomic_write(path, "w") as f:

@@ -29,6 +29,15 @@ def good_run(tmp_path_factory):
     return run
 
 
+def _copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a run's files (not its samples/), to damage without touching the shared one."""
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.is_file():
+            (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
 def _snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -66,11 +75,7 @@ def test_output_format_follows_the_extension_or_is_refused(good_run, tmp_path):
 def test_disk_full_inside_torch_save_is_one_line_and_keeps_the_checkpoint(good_run, tmp_path, monkeypatch):
     import bdm_cli.checkpoint as ck
 
-    run = tmp_path / "run"
-    run.mkdir()
-    for p in good_run.iterdir():
-        if p.is_file():
-            (run / p.name).write_bytes(p.read_bytes())
+    run = _copy_run(good_run, tmp_path / "run")
     before = (run / "checkpoint.pt").read_bytes()
 
     def full(obj, f, *a, **k):  # what torch's zip writer raises on a 64 KB file system
@@ -85,11 +90,7 @@ def test_disk_full_inside_torch_save_is_one_line_and_keeps_the_checkpoint(good_r
 
 
 def test_stale_temp_files_of_a_killed_run_are_cleaned(good_run, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    for p in good_run.iterdir():
-        if p.is_file():
-            (run / p.name).write_bytes(p.read_bytes())
+    run = _copy_run(good_run, tmp_path / "run")
     (run / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
     assert invoke("train", "--resume", run, "--steps", 3).exit_code == 0
     assert not list(run.glob(".*.tmp"))
