@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 import zipfile
 from pathlib import Path
 
@@ -107,11 +108,16 @@ def matmul(device: torch.device, smoke: bool) -> dict:
 
 # -- training steps ---------------------------------------------------------------------------------------------
 
-def bdm_step(cfg, device, x, compile_net: bool | str, channels_last: bool = True):
+def bdm_step(cfg, device, x, compile_net: bool | str, channels_last: bool = True, native_norm: bool = False):
     """bdm's own training step (train.train_step) on one fixed batch, with stand-in data statistics;
-    ``compile_net`` True (train.compile) or a torch.compile mode."""
+    ``compile_net`` True (train.compile) or a torch.compile mode; ``native_norm``: PyTorch's GroupNorm kernel instead
+    of bdm's layout-keeping one (the step as it was before 2026-11-27's second device session)."""
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
+    if native_norm:
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.forward = types.MethodType(torch.nn.GroupNorm.forward, m)
     channels_last = channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -200,9 +206,11 @@ def throughput(preset: str, device: torch.device, rounds: int, calls: int, compi
     cfg = load_config(preset, ["train.compile=false"])
     batch = cfg.train.batch_size
     x = torch.rand(batch, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, device=device) * 2 - 1
-    builders = {"bdm": lambda: bdm_step(cfg, device, x, False)}
+    builders = {"bdm": lambda: bdm_step(cfg, device, x, False),
+                "bdm, PyTorch GroupNorm": lambda: bdm_step(cfg, device, x, False, native_norm=True)}
     if compile_too:
         builders["bdm, compiled"] = lambda: bdm_step(cfg, device, x, True)
+        builders["bdm, compiled, CUDA graphs"] = lambda: bdm_step(cfg, device, x, "reduce-overhead")
     builders["diffusers UNet2DModel"] = lambda: diffusers_step(PEERS[preset][0], device, x)
     builders["denoising-diffusion-pytorch Unet"] = lambda: ddpm_step(PEERS[preset][1], device, x)
     variants, out = {}, {"preset": preset, "batch": batch, "variants": {}}
@@ -248,7 +256,8 @@ def tune(device: torch.device, smoke: bool, compile_too: bool) -> dict:
 
     cfg = load_config("tiny" if smoke else "cifar10", ["train.compile=false"])
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-    settings = {"baseline": {}, "NCHW": {"channels_last": False}, "batch x2": {"batch": 2}}
+    settings = {"baseline": {}, "PyTorch GroupNorm": {"native_norm": True}, "NCHW": {"channels_last": False},
+                "batch x2": {"batch": 2}}
     if compile_too:
         settings.update({"compiled": {"compile": True}, "compiled, CUDA graphs": {"compile": "reduce-overhead"}})
     out, steps = {"rows": {}}, {}
@@ -256,7 +265,8 @@ def tune(device: torch.device, smoke: bool, compile_too: bool) -> dict:
         torch.backends.cudnn.benchmark = st.get("benchmark", False)
         x = torch.rand(cfg.train.batch_size * st.get("batch", 1), *shape, device=device) * 2 - 1
         try:
-            step, _, _ = bdm_step(cfg, device, x, st.get("compile", False), st.get("channels_last", True))
+            step, _, _ = bdm_step(cfg, device, x, st.get("compile", False), st.get("channels_last", True),
+                                  st.get("native_norm", False))
             for _ in range(3):
                 step()
             steps[name] = (step, len(x), st.get("benchmark", False))

@@ -89,6 +89,33 @@ def test_cuda_checkpoint_samples_the_same_on_cpu(tmp_path, full_float32):
     assert err < 1e-3, err  # pixels in [-1, 1]: float32 rounding only
 
 
+def test_channels_last_unet_on_cuda_equals_the_cpu(full_float32):
+    """The cifar10-shaped UNet (attention, channels_last, the layout-keeping GroupNorm) on CUDA against the CPU's
+    NCHW forward and its input gradient, float32."""
+    from bdm_cli.unet import build_model
+
+    cfg = load_config("tiny", ["model.dropout=0", "model.channels=64"])  # 2 channels per group
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for p in model.parameters():  # zero-initialised output layers would hide most of the network
+        torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
+    x = torch.randn(4, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    t = torch.rand(4)
+    out = {}
+    for device in ("cpu", "cuda"):
+        net = model.to(device)
+        z = x.to(device)
+        if device == "cuda":
+            net, z = net.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
+        z.requires_grad_()
+        y = net(z, t.to(device))
+        y.square().sum().backward()
+        out[device] = (y.detach().cpu(), z.grad.cpu())
+    scale = out["cpu"][0].abs().max()
+    assert float((out["cuda"][0] - out["cpu"][0]).abs().max()) < 1e-4 * scale
+    assert float((out["cuda"][1] - out["cpu"][1]).abs().max()) < 1e-4 * out["cpu"][1].abs().max()
+
+
 def test_per_sample_generators_on_cuda_ignore_the_batch(tmp_path):
     train(load_config("tiny", CUDA + ["train.steps=2", "train.compile=false"]), tmp_path)
     run = load_run(tmp_path / "checkpoint.pt", device="cuda")
