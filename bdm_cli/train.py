@@ -240,7 +240,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
         model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if ddp.distributed else model
 
-    network = bf16_network(compiled(net, tc.compile, device), device, tc.bf16)
+    # CUDA graphs on one process; DDP's gradient all-reduce runs between the graphs' kernels, so there plain compile
+    network = bf16_network(compiled(net, tc.compile, device, cuda_graphs=not ddp.distributed), device, tc.bf16)
     schedule = cfg.diffusion
     data = make_dataset(cfg.data.dataset, cfg.data.resolution, cfg.data.channels, cfg.data.split)
     stats = (state.get("data_stats") if resume else None) or data_stats(data)

@@ -33,11 +33,15 @@ def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: to
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters, float32 statistics as under autocast) that runs :func:`group_norm_nhwc` on a
-    CUDA channels_last input; elsewhere PyTorch's own kernel (the CPU one keeps channels_last by itself)."""
+    """nn.GroupNorm (same parameters, float32 statistics as under autocast) that, compiled on CUDA with a
+    channels_last input, runs :func:`group_norm_nhwc`, which inductor fuses into a few kernels without layout copies.
+    Eager, PyTorch's own kernel stays: the form's extra launches cost more than the copies when the host is the
+    bottleneck (H200, 2026-11-27: 1,253 img/s eager with it, 1,633 without; 5,516 compiled with CUDA graphs).
+    The CPU kernel keeps channels_last by itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.affine and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if (torch.compiler.is_compiling() and x.is_cuda and self.affine and x.dim() == 4
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
 

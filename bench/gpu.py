@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from bdm_cli.config import load_config  # noqa: E402
 from bdm_cli.io import atomic_write, to_uint8  # noqa: E402
-from bdm_cli.runtime import bf16_network, compiled, denoiser  # noqa: E402
+from bdm_cli.runtime import bf16_network, compile_enabled, compiled, denoiser  # noqa: E402
 from bdm_cli.train import make_optimizer, train, train_step  # noqa: E402
 from bdm_cli.unet import build_model, count_parameters  # noqa: E402
 import study  # noqa: E402  (bench/study.py: write_section)
@@ -306,19 +306,21 @@ def timed_training(args, device: torch.device, report: dict, work: Path) -> dict
     ``--n`` samples with unipc 20 into ``samples_*.npz``."""
     from bdm_cli.generate import load_run, sample_batches
 
-    rows = report.get("throughput", {}).get("variants", {})
-    use_compile = rows.get("bdm, compiled", {}).get("images_per_s", 0) > rows.get("bdm", {}).get("images_per_s", 0) * 1.05
-    rate = max([r.get("images_per_s", 0) for k, r in rows.items() if k.startswith("bdm")] + [1.0])
     preset = "tiny" if args.smoke else "cifar10"
     batch = load_config(preset).train.batch_size
-    steps = max(2, int(args.minutes * 60 * rate / batch * 1.5))  # the clock stops it; steps only bound it
-    # Scaled to the budget (the first run, 2026-11-27, kept the preset's: after 2,132 steps its 0.9999 EMA still held
-    # 81% of the initial weights and its 5,000-step warm-up had not ended; FID 316). The run is about steps / 1.5 long.
-    ema_decay, warmup = ema_decay_for(int(steps / 1.5)), min(load_config(preset).train.warmup, steps // 30)
+    use_compile = compile_enabled("auto", device)  # bdm's default: compiled with CUDA graphs on one GPU
+    # The steps the clock will allow, from the throughput row of the same step (or the last H200 figures where the
+    # row is absent): they set the EMA's horizon and the warm-up. The first run (2026-11-27) kept the preset's: after
+    # 2,132 steps its 0.9999 EMA still held 81% of the initial weights and its 5,000-step warm-up had not ended (FID 316).
+    row = report.get("throughput", {}).get("variants", {}).get("bdm, compiled, CUDA graphs" if use_compile else "bdm", {})
+    rate, first = row.get("images_per_s", 5500.0 if use_compile else 1600.0), row.get("first_step_s", 90.0 if use_compile else 0.0)
+    expected = max(10, int(max(args.minutes * 60 - first, 6.0) * rate / batch))
+    steps = int(expected * 1.5)  # the clock stops it; steps only bound it
+    ema_decay, warmup = ema_decay_for(expected), min(load_config(preset).train.warmup, expected // 20)
     cfg = load_config(preset, [f"data.dataset={args.data}", f"data.num_workers={args.workers}", f"train.steps={steps}",
                                f"train.ema_decay={ema_decay}", f"train.warmup={warmup}",
                                "train.log_every=100", "train.sample_every=0", "train.checkpoint_every=0",
-                               f"train.compile={str(use_compile).lower()}", f"train.device={device.type}"]
+                               f"train.device={device.type}"]
                       + (["data.channels=3", "data.resolution=8"] if args.smoke else []))
     deadline = time.perf_counter() + args.minutes * 60
     log: list[dict] = []
@@ -376,7 +378,8 @@ def speeds(args, device: torch.device, work: Path) -> dict:
 
 
 def cuda_tests(timeout: float, select: str = "") -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-p", "no:logging", "--tb=short",
+           str(ROOT / "tests" / "test_cuda.py")]
     cmd += ["-k", select] if select else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     try:
@@ -388,6 +391,9 @@ def cuda_tests(timeout: float, select: str = "") -> dict:
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
+
+PARTS = ("matmul", "cuda_tests", "throughput", "train", "speeds")
+
 
 def run(args) -> dict:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -419,13 +425,18 @@ def run(args) -> dict:
         print(json.dumps({k: report[k] for k in ("tune", "cuda_tests") if k in report}, indent=1, default=str)[-9000:])
         print(report["tune"].get("table", "")[-5000:])
         return report
-    part("matmul", lambda: matmul(device, args.smoke))
-    if not args.skip_tests:  # early: a CUDA bug they find matters more than any figure
+    wanted = set(args.only.split(",")) if args.only else set(PARTS)
+    if "matmul" in wanted:
+        part("matmul", lambda: matmul(device, args.smoke))
+    if not args.skip_tests and "cuda_tests" in wanted:  # early: a CUDA bug they find matters more than any figure
         part("cuda_tests", lambda: cuda_tests(args.test_timeout, args.tests))
-    part("throughput", lambda: throughput("tiny" if args.smoke else "cifar10", device, rounds=2 if args.smoke else 3,
-                                          calls=2 if args.smoke else 15, compile_too=not args.no_compile))
-    part("train", lambda: timed_training(args, device, report, work))
-    part("speeds", lambda: speeds(args, device, work))
+    if "throughput" in wanted:
+        part("throughput", lambda: throughput("tiny" if args.smoke else "cifar10", device, rounds=2 if args.smoke else 3,
+                                              calls=2 if args.smoke else 15, compile_too=not args.no_compile))
+    if "train" in wanted:
+        part("train", lambda: timed_training(args, device, report, work))
+    if "speeds" in wanted and "train" in wanted:  # it samples the timed training's model
+        part("speeds", lambda: speeds(args, device, work))
     report["wall_s"] = time.perf_counter() - start
     with atomic_write(out / "report.json", "w") as f:
         json.dump(report, f, indent=1, default=str)
@@ -461,32 +472,53 @@ def summary(report: dict) -> str:
 # -- back on the CPU machine -------------------------------------------------------------------------------------
 
 def score(args) -> None:
-    """FID of the returned samples against CIFAR-10 test, then the docs section."""
+    """FID of the returned samples against CIFAR-10 test (the main run's and every ``--tuned`` run's that trained),
+    then the docs section."""
+    reports = {Path(d): json.loads((Path(d) / "report.json").read_text()) for d in [args.score, *args.tuned]}
+    for src, report in reports.items():
+        t = report.get("train", {})
+        if t.get("parts") and "fid" not in t:
+            t.update(score_samples(src, t["parts"], Path(args.reference), args.inception_weights))
+            with atomic_write(src / "report.json", "w") as f:
+                json.dump(report, f, indent=1, default=str)
+    main, *extra = reports.values()
+    study.write_section(section(main, extra), Path(args.docs), MARKERS)
+    print(summary(main))
+
+
+def score_samples(src: Path, parts: list[str], ref: Path, weights: str) -> dict:
+    """FID of the npz parts' images against the reference statistics (Inception on the CPU)."""
     from bdm_cli import fid
 
-    src = Path(args.score)
-    report = json.loads((src / "report.json").read_text())
-    t = report.get("train", {})
-    if t.get("parts") and "fid" not in t:
-        images = np.concatenate([np.load(src / p)["images"] for p in t["parts"]])
-        ref = Path(args.reference)
-        model = fid.inception(2048, args.inception_weights, "cpu")
-        x = torch.from_numpy(images).permute(0, 3, 1, 2)
-        batches = (x[i : i + 200].float() / 255 for i in range(0, len(x), 200))
-        st = fid.features(model, batches, 2048, "cpu")
-        mu, sigma = st.result()
-        ref_stats = np.load(ref)
-        t["fid"] = fid.frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
-        t["fid_reference"] = f"{ref.name} ({len(images)} samples against the 10,000 CIFAR-10 test images)"
-        with atomic_write(src / "report.json", "w") as f:
-            json.dump(report, f, indent=1, default=str)
-    tuned = [json.loads((Path(d) / "report.json").read_text()) for d in args.tuned]
-    study.write_section(section(report, [r for r in tuned if "tune" in r]), Path(args.docs), MARKERS)
-    print(summary(report))
+    images = np.concatenate([np.load(src / p)["images"] for p in parts])
+    model = fid.inception(2048, weights, "cpu")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    mu, sigma = fid.features(model, (x[i : i + 200].float() / 255 for i in range(0, len(x), 200)), 2048, "cpu").result()
+    ref_stats = np.load(ref)
+    return {"fid": fid.frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"]),
+            "fid_reference": f"{ref.name} ({len(images)} samples against the 10,000 CIFAR-10 test images)"}
 
 
-def section(report: dict, tuned_reports: list[dict] = ()) -> str:
-    """The GPU section of docs/benchmarks.md (``tuned_reports``: reports of --tune runs, shown after the figures)."""
+def training_line(t: dict) -> str:
+    """One timed training (a report's "train") in words."""
+    tc = load_config(t["preset"]).train
+    ema, warmup = t.get("ema_decay", tc.ema_decay), t.get("warmup", tc.warmup)
+    schedule_note = (f"EMA decay {ema:g} (the initial weights still weigh {ema ** t['steps']:.0%} of the EMA at the end), "
+                     f"warm-up {warmup:,} steps" + (" (not ended: the learning rate never reached its value)"
+                                                     if warmup > t["steps"] else ""))
+    fid_line = (f"FID **{t['fid']:.2f}** against {t['fid_reference']}" if "fid" in t else "FID not yet scored "
+                "(`python bench/gpu.py --score DIR`)")
+    rates = [r["images_per_s"] for r in t.get("log", [])[1:] if "images_per_s" in r]  # the first window holds the compile
+    rate = f"; {statistics.median(rates):,.0f} images/s after the first log window" if rates else ""
+    return (f"Timed training: the {t['preset']} preset (blur 20, sin2) from the carried CIFAR-10 zip with `bdm train`'s "
+            f"own loop and loader, stopped after {t['minutes']} minutes, compilation included: {t['steps']} steps, "
+            f"{t['images_seen']:,} images seen (compile {'on' if t['compile'] else 'off'}{rate}), last logged loss "
+            f"{t['loss']:.4f}; {schedule_note}. Then {t['n']:,} samples with {t['sampler']} at "
+            f"{t['sample_images_per_s']:.0f} images/s: {fid_line}.")
+
+
+def section(report: dict, extra_reports: list[dict] = ()) -> str:
+    """The GPU section of docs/benchmarks.md (``extra_reports``: later runs, --tune or --only, shown after the figures)."""
     m, tp, t, s = (report.get(k, {}) for k in ("matmul", "throughput", "train", "speeds"))
     peak = m.get("tflops", float("nan"))
     lines = [MARKERS[0], "## GPU: training and sampling speed, and a timed CIFAR-10 training", "",
@@ -518,24 +550,21 @@ def section(report: dict, tuned_reports: list[dict] = ()) -> str:
                 lines.append(f"| {name} | | failed: {row.get('error')} | | | | | |")
         lines.append("")
     if "steps" in t:
-        tc = load_config(t["preset"]).train
-        ema, warmup = t.get("ema_decay", tc.ema_decay), t.get("warmup", tc.warmup)
-        schedule_note = (f"EMA decay {ema:g} (the initial weights still weigh {ema ** t['steps']:.0%} of the EMA at the end), "
-                         f"warm-up {warmup:,} steps" + (" (not ended: the learning rate never reached its value)"
-                                                         if warmup > t["steps"] else ""))
-        fid_line = (f"FID **{t['fid']:.2f}** against {t['fid_reference']}" if "fid" in t else "FID not yet scored "
-                    "(`python bench/gpu.py --score DIR`)")
-        lines += [f"Timed training: the {t['preset']} preset (blur 20, sin2) from the carried CIFAR-10 zip with `bdm train`'s "
-                  f"own loop and loader, stopped after {t['minutes']} minutes: {t['steps']} steps, {t['images_seen']:,} images "
-                  f"seen (compile {'on' if t['compile'] else 'off'}), last logged loss {t['loss']:.4f}; {schedule_note}. "
-                  f"Then {t['n']:,} samples "
-                  f"with {t['sampler']} at {t['sample_images_per_s']:.0f} images/s: {fid_line}.", ""]
+        lines += [training_line(t), ""]
     if "fid_features_images_per_s" in s:
         lines += [f"Sampling with the preset's own sampler (ancestral, 1000 steps, bf16): "
                   f"{s['ancestral_1000_images_per_s']:.1f} images/s ({s['ancestral_network_calls_per_s']:.0f} network calls "
                   f"x images per s). FID features (Inception, float32 without TF32): {s['fid_features_images_per_s']:.0f} "
                   "images/s.", ""]
-    for tuned in tuned_reports:
+    for tuned in extra_reports:
+        if "steps" in tuned.get("train", {}):
+            lines += [f"A later run (`{tuned['command']}`, {tuned['device_name']}, {tuned['date']}): "
+                      + training_line(tuned["train"]), ""]
+        if "tune" not in tuned:
+            c = tuned.get("cuda_tests", {})
+            if c:
+                lines += [f"CUDA tests in that run: {c.get('summary') or c.get('error')}.", ""]
+            continue
         u = tuned["tune"]
         lines += [f"Where the step's time goes (`{tuned['command']}`, {tuned['device_name']}, {tuned['date']}): "
                   f"profiling 3 steps of the {u['profiled']} row, the GPU was busy {u['device_busy_ms']:.1f} ms of each "
@@ -589,15 +618,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-timeout", type=float, default=180, help="seconds the cuda tests may take")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--only", default="", help=f"comma-separated parts to run (of {', '.join(PARTS)}; speeds needs train)")
     p.add_argument("--tests", default="", help="only the cuda tests matching this -k expression")
     p.add_argument("--tune", action="store_true", help="only: where the training step's time goes, and settings that "
                    "could buy it back (then the cuda tests)")
     p.add_argument("--score", metavar="DIR", help="here, after the device run: FID of DIR's samples, then the docs section")
-    p.add_argument("--tuned", nargs="*", default=[], metavar="DIR", help="with --score: --tune runs to show too")
+    p.add_argument("--tuned", nargs="*", default=[], metavar="DIR", help="with --score: later runs (--tune, --only) to show too")
     p.add_argument("--reference", default=str(SHARED / "fid" / "cifar10-test-stats.npz"))
     p.add_argument("--inception-weights", default=str(SHARED / "fid" / "pt_inception-2015-12-05.pth"))
     p.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
     args = p.parse_args(argv)
+    if args.only and set(args.only.split(",")) - set(PARTS):
+        p.error(f"--only takes parts of {', '.join(PARTS)}")
     if args.score:
         return score(args)
     if args.smoke:

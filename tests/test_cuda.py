@@ -90,9 +90,15 @@ def test_cuda_checkpoint_samples_the_same_on_cpu(tmp_path, full_float32):
 
 
 def test_channels_last_unet_on_cuda_equals_the_cpu(full_float32):
-    """The cifar10-shaped UNet (attention, channels_last, the layout-keeping GroupNorm) on CUDA against the CPU's
-    NCHW forward and its input gradient, float32."""
-    from bdm_cli.unet import build_model
+    """The UNet (attention, channels_last) on CUDA against the CPU's NCHW forward and its input gradient, float32;
+    and the layout-keeping GroupNorm that compiled CUDA runs use, against the CPU's F.group_norm."""
+    from bdm_cli.unet import build_model, group_norm_nhwc
+
+    x = torch.randn(4, 64, 8, 8)
+    w, b = torch.randn(64), torch.randn(64)
+    y = group_norm_nhwc(x.cuda().contiguous(memory_format=torch.channels_last), 32, w.cuda(), b.cuda(), 1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert float((y.cpu() - torch.nn.functional.group_norm(x, 32, w, b, 1e-5)).abs().max()) < 1e-5
 
     cfg = load_config("tiny", ["model.dropout=0", "model.channels=64"])  # 2 channels per group
     torch.manual_seed(0)
@@ -104,7 +110,7 @@ def test_channels_last_unet_on_cuda_equals_the_cpu(full_float32):
     out = {}
     for device in ("cpu", "cuda"):
         net = model.to(device)
-        z = x.to(device)
+        z = x.detach().to(device)  # a new leaf per device
         if device == "cuda":
             net, z = net.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
         z.requires_grad_()
@@ -125,9 +131,19 @@ def test_per_sample_generators_on_cuda_ignore_the_batch(tmp_path):
 
 
 def test_compiled_network_trains_and_samples(tmp_path):
-    cfg = load_config("tiny", CUDA + ["train.steps=4", "train.compile=true", "train.checkpoint_every=0"])
-    r = train(cfg, tmp_path)
-    assert r["step"] == 4 and all(torch.isfinite(v).all() for v in r["model"].state_dict().values())
+    """train.compile=true (CUDA graphs on one process) learns like the eager step: a replay that read stale
+    gradients or inputs would not lower the loss as eagerly."""
+    over = ["train.steps=60", "train.log_every=20", "train.lr=2e-3", "train.checkpoint_every=0", "model.dropout=0",
+            "model.precondition=false"]  # as test_training_lowers_the_loss: preconditioned, the loss starts low
+    losses = {}
+    for mode in ("false", "true"):
+        log = losses[mode] = []
+        r = train(load_config("tiny", CUDA + over + [f"train.compile={mode}"]), tmp_path / mode,
+                  progress=lambda d, log=log: log.append(d["loss"]) if "loss" in d else None)
+    assert r["step"] == 60 and all(torch.isfinite(v).all() for v in r["model"].state_dict().values())
+    assert losses["true"][-1] < losses["true"][0] * 0.8, losses
+    assert abs(losses["true"][-1] - losses["false"][-1]) < 0.2 * losses["false"][-1], losses
+    tmp_path = tmp_path / "true"
     run = load_run(tmp_path / "checkpoint.pt", device="cuda")
     x = torch.cat(list(sample_batches(run, 4, batch_size=4, steps=3, sampler="unipc", compile=True)))
     assert torch.isfinite(x).all()
