@@ -72,7 +72,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True  # bf16 autocast in the network on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX)
     skip_nonfinite: bool = False  # skip (and count) batches whose loss is NaN/inf instead of stopping
-    compile: str = "auto"  # torch.compile the network: true | false | auto (on CUDA only; compiling costs minutes on a CPU)
+    compile: str = "auto"  # torch.compile the network (CUDA graphs on one GPU): true | false | auto (CUDA only; minutes on a CPU)
 
 
 @dataclass(frozen=True)

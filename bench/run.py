@@ -247,15 +247,24 @@ def report(results: dict, quick: bool) -> str:
     command = " ".join(["python bench/run.py", *sys.argv[1:]])
     lines = ["# Benchmarks", "", f"Measured {datetime.date.today()} on {machine()}.",
              f"Reproduce: `{command}` (`make bench` runs everything at the issue's scale; `make bench QUICK=1`: items 1-4 "
-             "and 7, smaller; `BENCH_ARGS=...` passes options).",
+             "and 7, smaller; `BENCH_ARGS=...` passes options, `--items 2,4` re-measures only those).",
              "Every ratio is measured in one run, A and B alternating; the times are medians.", ""]
+    for item in ITEMS:
+        lines += SECTIONS[item](results)
+    return "\n".join(lines)
+
+
+def blur_lines(results: dict) -> list[str]:
     b = results["blur"]
-    lines += ["## 1. Blur overhead in training", "",
+    return ["## 1. Blur overhead in training", "",
               f"cifar10_cpu UNet ({b['params'] / 1e6:.2f}M parameters), batch {b['batch']}, one Adam step.", "",
               "| sigma_blur_max 20 | sigma_blur_max 0 | ratio | goal |", "|---|---|---|---|",
               f"| {b['blur 20']:.3f} s | {b['no blur']:.3f} s | {b['ratio']:.3f} | <= 1.02 |", ""]
+
+
+def sampler_lines(results: dict) -> list[str]:
     s = results["sampler"]
-    lines += ["## 2. Sampler overhead", "",
+    lines = ["## 2. Sampler overhead", "",
               f"cifar10_cpu UNet, batch {s['batch']}: each sampler against the same number of network calls alone (both "
               "repeated to span about the same time). The timing noise is the spread of each one's rounds.", "",
               "| sampler | steps | network calls | sampler | network alone | share outside the network | timing noise | goal |",
@@ -270,8 +279,12 @@ def report(results: dict, quick: bool) -> str:
     if unresolved:
         lines += [f"For {', '.join(unresolved)} the share is within the timing noise, so this run does not resolve the goal "
                   "(more rounds: `make bench`).", ""]
+    return lines
+
+
+def peer_lines(results: dict) -> list[str]:
     p = results.get("peers")
-    lines += ["## 3. Training throughput against peers", ""]
+    lines = ["## 3. Training throughput against peers", ""]
     if p:
         ips = p["images_per_s"]
         # bf16 is measured only where this CPU computes it natively (emulated bf16 is slower than float32)
@@ -304,8 +317,12 @@ def report(results: dict, quick: bool) -> str:
                       "Goal not met in float32; none of the diagnostics accounts for it: the cause is not established.", ""]
     else:
         lines += ["Not measured: the peers are not installed (`make bench` creates .bench-venv with them).", ""]
+    return lines
+
+
+def fid_lines(results: dict) -> list[str]:
     f = results.get("fid")
-    lines += ["## 4. FID speed and agreement", ""]
+    lines = ["## 4. FID speed and agreement", ""]
     if f:
         lines += [f"{f['n']} + {f['n']} CIFAR-10 images (train vs test split of the shared JPEG copy), same weights.", "",
                   "| bdm fid | python -m pytorch_fid | speed-up | FID bdm | FID pytorch-fid | goal |", "|---|---|---|---|---|---|",
@@ -313,12 +330,18 @@ def report(results: dict, quick: bool) -> str:
                   f"{f['fid_pytorch_fid']:.4f} | >= 1.3x, equal to 1e-3 |", ""]
     else:
         lines += ["Not measured: ../shared (CIFAR-10 zip and FID weights) is not beside this checkout.", ""]
+    return lines
+
+
+def memory_lines(results: dict) -> list[str]:
     m = results["memory"]
-    lines += ["## 7. Memory", "", "| what | peak RSS |", "|---|---|",
-              f"| training cifar10_cpu, batch 64 | {m['train_mb']:.0f} MB |",
-              f"| sampling {m['sample_n']} images (batches of 100) | {m['sample_mb']:.0f} MB |", ""]
-    lines += quality_sections(results.get("quality"))
-    return "\n".join(lines)
+    return ["## 7. Memory", "", "| what | peak RSS |", "|---|---|",
+            f"| training cifar10_cpu, batch 64 | {m['train_mb']:.0f} MB |",
+            f"| sampling {m['sample_n']} images (batches of 100) | {m['sample_mb']:.0f} MB |", ""]
+
+
+def quality_lines(results: dict) -> list[str]:
+    return quality_sections(results.get("quality"))
 
 
 def quality_sections(r: dict | None) -> list[str]:
@@ -385,37 +408,81 @@ def quality_sections(r: dict | None) -> list[str]:
     return lines
 
 
+# The page's items in order, each one function of the results ("5" writes items 5 and 6, from bench/quality.py).
+SECTIONS = {"1": blur_lines, "2": sampler_lines, "3": peer_lines, "4": fid_lines, "7": memory_lines, "5": quality_lines}
+ITEMS = tuple(SECTIONS)
+KEPT = (study.MARKERS, ("<!-- gpu: written by bench/gpu.py -->", "<!-- /gpu -->"))  # sections other scripts write
+
+
+def kept_sections(old: str) -> str:
+    """The sections of ``old`` that bench/study.py and bench/gpu.py wrote (between their markers), as they are."""
+    return "".join(f"\n{a}{old.split(a, 1)[1].split(b, 1)[0]}{b}\n" for a, b in KEPT if a in old and b in old)
+
+
+def replace_items(old: str, new: dict[str, list[str]], note: str) -> str:
+    """``old``'s page with the sections of the items in ``new`` replaced (``--items``): a section runs from its
+    "## N." heading to the next heading or marked section; item 5 holds the sections 5 and 6."""
+    cut = min([old.index(a) for a, _ in KEPT if a in old] + [len(old)])
+    head, marked = old[:cut], old[cut:]
+    out, done, current = [], set(), None
+    for line in head.splitlines():
+        if line.startswith("## "):
+            n = line[3:].split(".", 1)[0].split(",", 1)[0].strip()
+            current = "5" if n == "6" else n
+            if current in new and current not in done:
+                out += new[current] + [note, ""]
+                done.add(current)
+        if current not in new:
+            out.append(line)
+    missing = [k for k in new if k not in done]  # an item the old page did not have: before the marked sections
+    for k in missing:
+        out += new[k] + [note, ""]
+    return "\n".join(out).rstrip("\n") + "\n\n" + marked
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller items 1-4 and 7 (about 10 minutes)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--skip-quality", action="store_true", help="leave out items 5 and 6")
+    parser.add_argument("--items", default="", help=f"comma-separated items to re-measure (of {', '.join(ITEMS)}); "
+                        "the page keeps the others as they are")
     quality.add_arguments(parser.add_argument_group("items 5 and 6 (bench/quality.py)"))
     args = parser.parse_args()
     q = args.quick
+    items = args.items.split(",") if args.items else [i for i in ITEMS if not (i == "5" and args.skip_quality)]
+    if set(items) - set(ITEMS):
+        parser.error(f"--items takes {', '.join(ITEMS)} (5: items 5 and 6)")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        print("1. blur overhead", flush=True)
-        results["blur"] = blur_overhead(batch=32 if q else 64, rounds=5 if q else 11)
-        print("2. sampler overhead", flush=True)
-        results["sampler"] = sampler_overhead(batch=16 if q else 8, steps=100 if q else 1000, rounds=3)
-        print("3. training throughput against peers", flush=True)
-        results["peers"] = peer_throughput(batch=32, rounds=3 if q else 7)
-        print("4. FID speed", flush=True)
-        # 2,500 + 2,500 = 5,000 images: about 10 minutes a round for both tools on 2 cores
-        results["fid"] = fid_speed(n=250 if q else 2500, rounds=1, workdir=work / "fid")
-        print("7. memory", flush=True)
-        results["memory"] = memory(work)
-    if not args.skip_quality and quality.ZIP.exists() and quality.WEIGHTS.exists():
+        if "1" in items:
+            print("1. blur overhead", flush=True)
+            results["blur"] = blur_overhead(batch=32 if q else 64, rounds=5 if q else 11)
+        if "2" in items:
+            print("2. sampler overhead", flush=True)
+            results["sampler"] = sampler_overhead(batch=16 if q else 8, steps=100 if q else 1000, rounds=3)
+        if "3" in items:
+            print("3. training throughput against peers", flush=True)
+            results["peers"] = peer_throughput(batch=32, rounds=3 if q else 7)
+        if "4" in items:
+            print("4. FID speed", flush=True)
+            # 2,500 + 2,500 = 5,000 images: about 10 minutes a round for both tools on 2 cores
+            results["fid"] = fid_speed(n=250 if q else 2500, rounds=1, workdir=work / "fid")
+        if "7" in items:
+            print("7. memory", flush=True)
+            results["memory"] = memory(work)
+    if "5" in items and quality.ZIP.exists() and quality.WEIGHTS.exists():
         print("5, 6. sample quality", flush=True)
         results["quality"] = quality.run(args)
     from bdm_cli.io import atomic_write
 
-    page = report(results, q)
     old = Path(args.out).read_text() if Path(args.out).exists() else ""
-    if study.MARKERS[0] in old and study.MARKERS[1] in old:  # items 8 and 9 come from bench/study.py: kept as they are
-        page += "\n" + study.MARKERS[0] + old.split(study.MARKERS[0], 1)[1].split(study.MARKERS[1], 1)[0] + study.MARKERS[1] + "\n"
+    if args.items and old:  # only these items re-measured: the rest of the page stays as it was
+        note = f"Re-measured {datetime.date.today()} on {machine()} by `{' '.join(['python bench/run.py', *sys.argv[1:]])}`."
+        page = replace_items(old, {i: SECTIONS[i](results) for i in items}, note)
+    else:
+        page = report(results, q) + kept_sections(old)  # items 8 and 9 (bench/study.py) and the GPU section kept
     with atomic_write(args.out, "w") as f:
         f.write(page)
     print(f"Wrote {args.out}")

@@ -79,3 +79,22 @@ def test_sampler_overhead_within_the_timing_noise_is_not_a_verdict():
     assert "For unipc the share is within the timing noise" in page
     r["sampler"]["rows"]["unipc"] |= {"outside": 0.011, "noise": 0.02}
     assert "within the timing noise" not in run.report(r, quick=True)
+
+
+def test_items_rerun_replaces_only_their_sections_and_keeps_the_marked_ones():
+    """``bench/run.py --items 2`` rewrites item 2 in the page and leaves the rest, items 8-9 and the GPU section as
+    they were; a full run keeps the marked sections too (they come from bench/study.py and bench/gpu.py)."""
+    r = results(ancestral_1000=200.0, best=210.0)
+    study_part = f"{run.study.MARKERS[0]}\n## 8. study\ntext 8\n{run.study.MARKERS[1]}"
+    gpu_part = f"{run.KEPT[1][0]}\n## GPU\ngpu text\n{run.KEPT[1][1]}"
+    old = run.report(r, quick=True) + "\n" + study_part + "\n" + gpu_part + "\n"
+    r["sampler"]["rows"]["unipc"] |= {"steps": 7, "calls": 8}
+    page = run.replace_items(old, {"2": run.sampler_lines(r)}, "Re-measured today.")
+    assert "| unipc | 7 | 8 |" in page and "| unipc | 20 | 21 |" not in page and "Re-measured today." in page
+    assert page.count("## 2. Sampler overhead") == 1 and page.index("## 2.") < page.index("## 3.")
+    assert page.split("## 3.", 1)[1].split(run.study.MARKERS[0])[0] == old.split("## 3.", 1)[1].split(run.study.MARKERS[0])[0]
+    assert study_part in page and gpu_part in page
+    five = run.replace_items(old, {"5": ["## 5. new five", "", "## 6. new six", ""]}, "R.")
+    assert [h for h in five.splitlines() if h.startswith("## 5") or h.startswith("## 6")] == ["## 5. new five", "## 6. new six"]
+    full = run.report(r, quick=True) + run.kept_sections(old)
+    assert study_part in full and gpu_part in full
