@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -34,15 +35,23 @@ def user_errors():
     try:
         yield
     except UserError as e:
-        console.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
+        _error(str(e))
         raise typer.Exit(e.exit_code) from None
     except OSError as e:  # the environment, not a bug: disk full, permissions, a vanished file
-        console.print(f"[bold red]Error:[/] {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), highlight=False,
-                      soft_wrap=True)
+        _error(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/]")
         raise typer.Exit(130) from None
+
+
+def _error(message: str) -> None:
+    """The one ``Error:`` line: control characters of the message (a newline in a file name, say) shown escaped, and
+    square brackets not read as markup."""
+    from rich.markup import escape
+
+    line = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], message)
+    console.print(f"[bold red]Error:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -120,7 +129,7 @@ def blur_preview_cmd(
     import torch
 
     from .data import load_image
-    from .io import check_writable, image_format
+    from .io import check_outputs
     from .preview import blur_strip, save_strip
 
     with user_errors():
@@ -129,7 +138,10 @@ def blur_preview_cmd(
         resolution = size or cfg.data.resolution
         if not 2 <= resolution <= MAX_PREVIEW:
             raise UsageError(f"--size must be in 2..{MAX_PREVIEW}, got {resolution}")
-        check_writable(out_path), image_format(out_path)
+        if len(ts) * resolution**2 > MAX_STRIP_PIXELS:  # every tile of both rows is held in float32 at once
+            raise UsageError(f"--t takes at most {max(1, MAX_STRIP_PIXELS // resolution**2)} values at --size {resolution} "
+                             f"(got {len(ts)}): the strip would need more memory than bdm allows it")
+        check_outputs(out_path, images=True, inputs=[image])
         x = load_image(image, resolution, cfg.data.channels)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed % 2**63))
         rows = blur_strip(x, cfg.diffusion, ts, noise, with_noise=not no_noise)
@@ -226,8 +238,9 @@ def train_cmd(
             run_dir = out_dir or Path("runs") / cfg.preset
             _check_new_run_dir(run_dir)
             source = Path(cfg.data.dataset).expanduser()
-            if source.is_dir() and (source.resolve() == run_dir.resolve() or source.resolve() in run_dir.resolve().parents):
-                raise UsageError(f"--out {run_dir} is inside the dataset {source}: its sample grids would become training data")
+            if source.exists() and _nested(source, run_dir):
+                raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
+                                 "training data, or overwrite its images; choose an --out outside the dataset")
             run_dir.mkdir(parents=True, exist_ok=True)
         main = int(os.environ.get("RANK", "0")) == 0
         if main:
@@ -250,23 +263,44 @@ def train_cmd(
 
 
 _RUN_FILES = {"checkpoint.pt", "config.yaml", "metrics.jsonl", "samples", "tb", ".lock"}
+# What bdm train writes inside samples/ and tb/: anything else there is a user's
+_RUN_INNER = {"samples": re.compile(r"step_\d{6}\.png|final\.png"), "tb": re.compile(r"events\.out\.tfevents\..*")}
+
+
+def _nested(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are the same path or one holds the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 def _check_new_run_dir(run_dir: Path) -> None:
-    """A new run goes into a new or empty directory, or one that only a stopped bdm run wrote to: never over a user's
-    own files (their config.yaml, say)."""
+    """A new run goes into a new or empty directory, or one where a bdm run failed before its first logged step:
+    never over a user's own files (their config.yaml, or a final.png in a samples/ folder), and never beside a
+    killed run's metrics (the two runs' lines would mix in metrics.jsonl)."""
     from .checkpoint import CHECKPOINT
+    from .io import TEMP_SUFFIX
 
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise UsageError(f"--out {run_dir} exists and is not a directory")
     if (run_dir / CHECKPOINT).exists():
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
-    if run_dir.is_dir():
-        foreign = sorted(p.name for p in run_dir.iterdir() if (p.name not in _RUN_FILES and not p.name.endswith(".tmp"))
-                         or p.is_symlink() or (p.name == "config.yaml" and not _is_bdm_config(p)))
-        if foreign:
-            raise UsageError(f"--out {run_dir} holds files that are not a bdm run's ({foreign[0]!r}...); bdm train writes "
-                             "config.yaml, metrics.jsonl and samples/ there: choose a new or empty directory")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    ours = (run_dir / "config.yaml").is_file() and _is_bdm_config(run_dir / "config.yaml")
+    foreign = [p.name for p in run_dir.iterdir()
+               if (p.name not in _RUN_FILES and not p.name.endswith(TEMP_SUFFIX)) or p.is_symlink() or not ours]
+    for sub, names in _RUN_INNER.items():
+        if (run_dir / sub).is_dir() and not (run_dir / sub).is_symlink():
+            foreign += [f"{sub}/{p.name}" for p in (run_dir / sub).iterdir()
+                        if p.is_symlink() or not (names.fullmatch(p.name) or p.name.endswith(TEMP_SUFFIX))]
+    if foreign:
+        raise UsageError(f"--out {run_dir} holds files that are not a bdm run's ({sorted(foreign)[0]!r}...); bdm train "
+                         "writes config.yaml, metrics.jsonl and samples/ there: choose a new or empty directory")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        raise UsageError(f"--out {run_dir} holds a run stopped before its first checkpoint (its metrics.jsonl has no "
+                         "checkpoint to continue from); a new run's metrics would mix with its: remove it or choose "
+                         "another --out")
 
 
 def _is_bdm_config(path: Path) -> bool:
@@ -283,6 +317,9 @@ def _is_bdm_config(path: Path) -> bool:
 
 
 MAX_PREVIEW = 2048  # blur-preview --size: a strip of 12 such tiles is already 100 MB
+# blur-preview: --t values x size^2. The peak is about 100 bytes per tile pixel (measured at --size 1024: 0.95 GB with
+# 2 values, 2.9 GB with 22), so this bound (the 11 default times at --size 2048, plus one) keeps it near 5 GB.
+MAX_STRIP_PIXELS = 12 * 2048**2
 MAX_PLOT = 512  # schedule-plot --size: 201 times x H x W log-SNRs in float64 (512: 420 MB)
 
 
@@ -356,11 +393,12 @@ def sample_cmd(
     with user_errors():
         _check_sampling(n, steps, sampler, grid, batch_size)
         grid_path = out_path or (None if out_dir else Path("grid.png"))
-        check_outputs(grid_path, trajectory, images=True)
-        _check_out_dir(out_dir, grid_path, trajectory, n=n)
+        ckpt = find_checkpoint(run, checkpoint)
+        check_outputs(grid_path, trajectory, images=True, inputs=[ckpt])
+        _check_out_dir(out_dir, grid_path, trajectory, n=n, inputs=[ckpt])
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-        r = load_run(find_checkpoint(run, checkpoint), ema=not no_ema, device=device)
+        r = load_run(ckpt, ema=not no_ema, device=device)
         k = steps or r.cfg.sample.steps
         name = sampler or r.cfg.sample.sampler
         out.print(f"Sampling {n} images from step {r.step} ({r.cfg.preset}, {name}, {k} steps, {nfe(name, k)} network calls per batch)",
@@ -442,8 +480,17 @@ def fid_cmd(
                 raise UsageError(f"FID needs at least 2 images, got --n {n}")
             if (ref or a) is None:
                 raise UsageError("--run needs --ref (a folder, zip, .npz or named reference)")
-        elif a is None or (b is None and save_stats is None):
-            raise UsageError("give two inputs (bdm fid A B), one input with --save-stats, or --run with --ref")
+            if b is not None or (ref is not None and a is not None):  # one would be silently left out
+                raise UsageError("with --run the samples are the first set: give the reference once (--ref REF or one input)")
+        else:
+            given = [f"--{k.replace('_', '-')}" for k, v, default in (("n", n, 50_000), ("steps", steps, None),
+                     ("sampler", sampler, None), ("grid", grid, None), ("seed", seed, 0), ("bf16", bf16, False),
+                     ("out_dir", out_dir, None), ("ref", ref, None)) if v != default]
+            if given:
+                raise UsageError(f"{', '.join(given)} only {'apply' if len(given) > 1 else 'applies'} with --run or --checkpoint "
+                                 "(sampling a model); between two inputs: bdm fid A B")
+            if a is None or (b is None and save_stats is None):
+                raise UsageError("give two inputs (bdm fid A B), one input with --save-stats, or --run with --ref")
         for source in (a, b, ref):
             if source is not None:
                 fid.check_input(source)
@@ -455,10 +502,10 @@ def fid_cmd(
                 if source is not None and Path(source).exists() and (
                         Path(source).resolve() == save_stats.resolve() or Path(source).resolve() in save_stats.resolve().parents):
                     raise UsageError(f"--save-stats {save_stats} would write into the input {source}")
-        _check_out_dir(out_dir, save_stats, n=n if sampling else 0, inputs=[x for x in (a, b, ref) if x is not None])
+        _check_out_dir(out_dir, save_stats, n=n if sampling else 0, inputs=[x for x in (a, b, ref, run, checkpoint) if x is not None])
         model = fid.inception(dims, inception_weights, dev)
-        weights_id = str(inception_weights or os.environ.get(fid.WEIGHTS_ENV, "pytorch-fid"))
-        opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, weights_id=weights_id, use_cache=not no_cache)
+        opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, weights_id=fid.weights_id(inception_weights),
+                    use_cache=not no_cache)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ours are printed below, once
             with _progress("fid") as bar:
@@ -488,7 +535,8 @@ def fid_cmd(
                               "and FID is biased upward (KID is not)", highlight=False)
         if save_stats is not None:
             fid.save_stats(save_stats, *stats1)
-            out.print(f"Wrote {save_stats} ({stats1[2]} images)", highlight=False)
+            count = f"{stats1[2]} images" if stats1[2] >= 0 else "its input .npz records no image count"
+            out.print(f"Wrote {save_stats} ({count})", highlight=False)
         if stats2 is not None:
             value = fid.frechet_distance(stats1[0], stats1[1], stats2[0], stats2[1])
             out.print(f"FID: {value:.4f}" if np.isfinite(value) else f"FID: {value}")
@@ -565,7 +613,11 @@ def _train_progress(total: int, enabled: bool = True):
 
 def run() -> None:
     """The ``bdm`` entry point: Click's own usage errors (an unknown option, a missing argument, ``--n 1.5``) also
-    become one ``Error:`` line and exit 2, like bdm's, instead of a usage box."""
+    become one ``Error:`` line and exit 2, like bdm's, instead of a usage box. File names that are not UTF-8 are
+    printed escaped, whatever the terminal's encoding (no UnicodeEncodeError after the work is done)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = app(prog_name="bdm", standalone_mode=False)
     except typer.Abort:  # Ctrl-C while Click itself runs
@@ -575,8 +627,7 @@ def run() -> None:
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not one of Click's (Typer's) usage errors
             raise
         ctx = getattr(e, "ctx", None)
-        console.print(f"[bold red]Error:[/] {e.format_message()} (see `{ctx.command_path if ctx else 'bdm'} --help`)",
-                      highlight=False, soft_wrap=True)
+        _error(f"{e.format_message()} (see `{ctx.command_path if ctx else 'bdm'} --help`)")
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 

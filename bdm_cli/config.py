@@ -271,6 +271,11 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     cfg = Config()
     if preset:
         path = preset_path(preset)
+        key = str(path.resolve())  # resolved: sub/../sub/a.yaml is the same file as sub/a.yaml
+        if key in _seen:
+            raise ConfigError(f"{_seen[0]}: preset 'extends' loop through {path.name!r}")
+        if len(_seen) >= 16:
+            raise ConfigError(f"{_seen[0]}: preset 'extends' chain longer than 16 files")
         data = _read_yaml(path)
         parent = data.pop("extends", None)
         if parent:
@@ -278,9 +283,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             beside = path.parent / parent
             if Path(parent).suffix in (".yaml", ".yml") and not Path(parent).is_absolute() and beside.is_file():
                 parent = str(beside)  # a file named by a preset is found beside that preset, not in the current folder
-            if parent in _seen or str(path) in _seen:
-                raise ConfigError(f"{path}: preset 'extends' loop through {parent!r}")
-            cfg = load_config(parent, (), _seen + (preset, str(path)))
+            cfg = load_config(parent, (), _seen + (key,))
         cfg = replace(_merge(cfg, data, path.name), preset=path.stem)
     return apply_overrides(cfg, overrides).validate()
 

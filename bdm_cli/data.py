@@ -14,7 +14,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "open_image", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
+__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "check_not_shadowed", "image_names", "open_image", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLIT_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev"}
@@ -159,7 +159,7 @@ class FileImages(torch.utils.data.Dataset):
         return {**self.__dict__, "_zip": None, "_pid": None}  # zip handles do not cross process boundaries
 
 
-def _image_names(source: Path, split: str) -> list[str]:
+def image_names(source: Path, split: str) -> list[str]:
     """Sorted image paths (relative, '/'-separated) in a folder (recursive) or zip, under ``split/`` if that exists."""
     import zipfile
 
@@ -178,8 +178,14 @@ def _image_names(source: Path, split: str) -> list[str]:
         raise DataError(f"not a folder or a zip of images: {shown(source)}")
     if split:
         prefix = split.strip("/") + "/"
-        # A split is a top-level folder, possibly under one common root folder (as in cifar10-jpeg.zip).
-        for candidate in (prefix, *sorted({n.split("/", 1)[0] + "/" + prefix for n in names if "/" in n})):
+        # A split is a top-level folder, possibly under one root folder (as in cifar10-jpeg.zip); under several (each
+        # class folder holding its own train/, say) taking the first would silently drop the others.
+        nested = sorted({n.split("/", 1)[0] + "/" + prefix for n in names if "/" in n and n.split("/", 1)[1].startswith(prefix)})
+        if not any(n.startswith(prefix) for n in names) and len(nested) > 1:
+            raise DataError(f"{shown(source)} has {split!r} folders under several folders ({', '.join(nested[:3])}...): a split "
+                            "must be one top-level folder (or under one root folder); rearrange it, or --set data.split= "
+                            "for every image")
+        for candidate in (prefix, *nested):
             chosen = [n for n in names if n.startswith(candidate)]
             if chosen:
                 names = chosen
@@ -221,10 +227,18 @@ def _cifar10(root: Path, split: str, resolution: int, channels: int) -> torch.Te
     return torch.stack([preprocess(Image.fromarray(a), resolution, channels) for a in ds.data])
 
 
+def check_not_shadowed(name: str, builtins) -> None:
+    """A built-in dataset's name that is also a file or folder here is ambiguous: refused, never guessed."""
+    if name in builtins and os.path.lexists(name):
+        raise DataError(f"{name!r} names both a built-in dataset and a {'folder' if os.path.isdir(name) else 'file'} here: "
+                        f"pass ./{name} for yours, or run from another folder for the built-in one")
+
+
 def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = "train") -> torch.utils.data.Dataset:
     """``digits``, ``cifar10`` (torchvision, cached under $BDM_DATA_DIR or ~/.cache/bdm), or a folder / zip of images."""
     import os
 
+    check_not_shadowed(dataset, ("digits", "cifar10"))
     if dataset == "digits":
         return TensorImages(load_digits(resolution, channels))
     if dataset == "cifar10":
@@ -237,4 +251,4 @@ def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = 
         raise DataError(f"dataset not found: {shown(source)} (expected digits, cifar10, a folder or a zip of images)")
     if not (source.is_dir() or source.is_file()):
         raise DataError(f"{shown(source)} is neither a folder nor a regular file (a pipe or device?)")
-    return FileImages(source, _image_names(source, split), resolution, channels)
+    return FileImages(source, image_names(source, split), resolution, channels)

@@ -13,6 +13,7 @@ feature rows, so memory stays flat for any number of images.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -25,12 +26,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .data import READ_ERRORS, DataError, _image_names, open_image, shown
+from .data import READ_ERRORS, DataError, check_not_shadowed, image_names, open_image, shown
 from .errors import UsageError, UserError
 from .io import atomic_write
 
 __all__ = ["frechet_distance", "kernel_distance", "polynomial_mmd", "kid_subsets", "FeatureStats", "inception", "stats_of",
-           "ImageSource", "NAMED_REFS", "WEIGHTS_ENV"]
+           "ImageSource", "NAMED_REFS", "WEIGHTS_ENV", "weights_id"]
 
 WEIGHTS_ENV = "BDM_INCEPTION_WEIGHTS"
 NAMED_REFS = ("cifar10-train", "cifar10-test", "digits")
@@ -50,7 +51,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     m = root1 @ s2 @ root1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean))  # >= 0; below is rounding
 
 
 def polynomial_mmd(x: np.ndarray, y: np.ndarray) -> float:
@@ -148,6 +149,27 @@ class FeatureStats:
         return mu, (self.s2 - self.n * np.outer(mu, mu)) / (self.n - 1)
 
 
+def weights_id(weights: str | Path | None) -> str:
+    """What the statistics cache keys on for the Inception weights: a hash of the weights file's bytes (a path as
+    typed would reuse statistics of other weights found at the same relative or replaced path)."""
+    if str(weights) == "random":
+        return "random"
+    path = _weights_path(weights)
+    if path is None:  # pytorch-fid's own download, at its one place
+        return "pytorch-fid"
+    st = path.stat()
+    return _file_hash(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed again
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _weights_path(path: str | Path | None) -> Path | None:
     path = path or os.environ.get(WEIGHTS_ENV)
     if not path:
@@ -217,7 +239,7 @@ class ImageSource(torch.utils.data.Dataset):
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.names = _image_names(self.path, "")
+        self.names = image_names(self.path, "")
         self._zip, self._pid = None, None
 
     def __len__(self) -> int:
@@ -383,8 +405,12 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
     if st.n < 2:
         raise UserError(f"{shown(source)}: {st.n} of its {count} images could be read; FID needs at least 2")
     if use_cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        save_stats(cached, mu, sigma, st.n, st.rows)
+        try:  # the cache only saves time: a cache folder that cannot be written must not cost the result
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            save_stats(cached, mu, sigma, st.n, st.rows)
+        except (OSError, UserError) as e:
+            warnings.warn(f"the FID cache {shown(cache_dir())} could not be written ({getattr(e, 'strerror', None) or e}); "
+                          f"the result is not cached (BDM_CACHE_DIR sets its place, --no-cache skips it)", stacklevel=1)
     return mu, sigma, st.n, st.rows
 
 
@@ -403,15 +429,19 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
     for name, a, shape in (("mu", mu, (dims,)), ("sigma", sigma, (dims, dims))):
         if a.dtype.kind not in "fiu" or a.shape != shape or not np.isfinite(a).all():
             raise UserError(f"{what}: {name} must be finite numbers of shape {shape}, got {a.dtype} {a.shape}")
-    if feats is not None and (feats.dtype.kind not in "fiu" or feats.ndim != 2 or feats.shape[1] != dims):
-        raise UserError(f"{what}: feats must be numbers of shape [n, {dims}], got {feats.dtype} {feats.shape}")
+    if (np.diagonal(sigma) < 0).any() or not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * max(1.0, np.abs(sigma).max())):
+        raise UserError(f"{what}: sigma is not a covariance matrix (it must be symmetric with a non-negative diagonal)")
+    if feats is not None and (feats.dtype.kind not in "fiu" or feats.ndim != 2 or feats.shape[1] != dims
+                              or not np.isfinite(feats).all()):
+        raise UserError(f"{what}: feats must be finite numbers of shape [n, {dims}], got {feats.dtype} {feats.shape}")
     n = arrays.get("n")
     n = int(n) if n is not None and n.dtype.kind in "iu" and n.size == 1 else -1
     return mu.astype(np.float64), sigma.astype(np.float64), n, feats
 
 
 def check_input(source: str) -> None:
-    """Fail before the Inception loads if an input is neither a named reference nor an existing path."""
+    """Fail before the Inception loads if an input is neither a named reference nor an existing path (nor both)."""
+    check_not_shadowed(source, NAMED_REFS)
     if source not in NAMED_REFS and not Path(source).exists():
         raise UserError(f"not found: {shown(source)} (a folder or zip of images, a .npz, or one of {', '.join(NAMED_REFS)})")
     if source not in NAMED_REFS and not (Path(source).is_dir() or Path(source).is_file()):
@@ -419,8 +449,9 @@ def check_input(source: str) -> None:
 
 
 def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, feats: np.ndarray | None = None) -> Path:
-    """``mu``, ``sigma`` and ``n`` as pytorch-fid reads them, and ``feats`` (the kept feature rows, for KID) when given."""
-    arrays = dict(mu=mu, sigma=sigma, n=n) | ({} if feats is None else dict(feats=feats))
+    """``mu``, ``sigma`` and ``n`` as pytorch-fid reads them (``n`` < 0: unknown, as for a .npz without it: left out),
+    and ``feats`` (the kept feature rows, for KID) when given."""
+    arrays = dict(mu=mu, sigma=sigma) | ({} if n < 0 else dict(n=n)) | ({} if feats is None else dict(feats=feats))
     with atomic_write(path) as f:
         np.savez(f, **arrays)
     return Path(path)

@@ -91,5 +91,8 @@ def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, st
                    grid=grid or cfg.sample.grid or None, generator=gens,
                    callback=(lambda st, s0=start: callback(s0, st)) if callback else None,
                    denoised_range=denoised_range(run.stats))
+        if not torch.isfinite(x).all():  # one check per batch; clamped, NaN would pass as black images
+            raise UserError(f"the model's samples are not finite (NaN or inf) from sample {start} on: its weights "
+                            "are broken (a diverged training?); nothing is written for them")
         yield (x.float().clamp(-1, 1) if clamp else x.float()).cpu()
 

@@ -45,9 +45,10 @@ def check_writable(path: Path) -> Path:
     return path
 
 
-def check_outputs(*paths: Path | None, images: bool = False) -> None:
+def check_outputs(*paths: Path | None, images: bool = False, inputs=()) -> None:
     """Every output of one command: writable regular files (:func:`check_writable`), all different (two outputs of
-    one command must not overwrite each other), images with a known extension when ``images``."""
+    one command must not overwrite each other), none of them one of the command's ``inputs`` (an image, a
+    checkpoint, a preset file), images with a known extension when ``images``."""
     given = [Path(p) for p in paths if p is not None]
     for p in given:
         check_writable(p)
@@ -56,6 +57,9 @@ def check_outputs(*paths: Path | None, images: bool = False) -> None:
     resolved = [p.resolve() for p in given]
     if len(set(resolved)) < len(resolved):
         raise OutputError(f"two outputs of this command are the same file: {given[[resolved.count(r) for r in resolved].index(2)]}")
+    for source in inputs:
+        if source is not None and Path(source).exists() and Path(source).resolve() in resolved:
+            raise OutputError(f"{source} is this command's input and cannot also be its output: write elsewhere")
 
 
 def _umask() -> int:
@@ -64,11 +68,15 @@ def _umask() -> int:
     return mask
 
 
+TEMP_SUFFIX = ".bdm.tmp"  # what remove_stale_temps may delete: only bdm's own temporary files
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path | str, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
     path = check_writable(Path(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the name is cut so that a long (valid) output name still leaves room for the temporary one's additions
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should be like any file the user writes
         with os.fdopen(fd, mode) as f:
@@ -83,10 +91,10 @@ def atomic_write(path: Path | str, mode: str = "wb") -> Iterator[io.IOBase]:
 
 
 def remove_stale_temps(folder: Path) -> int:
-    """Delete the temporary files (``.NAME.XXXX.tmp``) that a killed writer left in ``folder``; returns how many.
-    Call it only where no other writer is active (a run directory as its training starts)."""
+    """Delete the temporary files (``.NAME.XXXX.bdm.tmp``, bdm's own) that a killed writer left in ``folder``; returns
+    how many. Call it only where no other writer is active (a run directory as its training starts)."""
     removed = 0
-    for p in Path(folder).glob(".*.tmp"):
+    for p in Path(folder).glob(f".*{TEMP_SUFFIX}"):
         with contextlib.suppress(OSError):
             if p.is_file() and not p.is_symlink():
                 p.unlink()

@@ -91,7 +91,7 @@ def test_disk_full_inside_torch_save_is_one_line_and_keeps_the_checkpoint(good_r
 
 def test_stale_temp_files_of_a_killed_run_are_cleaned(good_run, tmp_path):
     run = _copy_run(good_run, tmp_path / "run")
-    (run / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (run / ".checkpoint.pt.abc123.bdm.tmp").write_bytes(b"half a checkpoint")
     assert invoke("train", "--resume", run, "--steps", 3).exit_code == 0
     assert not list(run.glob(".*.tmp"))
 
@@ -428,7 +428,7 @@ def test_run_folders_keep_users_files_links_and_other_runs_out(tmp_path):
     data = _images(tmp_path / "imgs", n=4)
     msg = one_line_error(invoke("train", "--preset", "tiny", "--data", data, "--out", data / "run", "--steps", 1,
                                 "--set", "data.split="), 2)
-    assert "inside the dataset" in msg
+    assert "overlap" in msg
 
 
 def test_a_second_training_into_the_same_run_is_refused(tmp_path):
@@ -516,3 +516,166 @@ def test_the_cli_own_usage_errors_are_one_line_too():
         p = subprocess.run([sys.executable, "-m", "bdm_cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
         lines = [line for line in (p.stdout + p.stderr).splitlines() if line.strip()]
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error: "), (args, p.returncode, lines)
+
+
+# -- round three (a fresh hostile round after the two above) -----------------------------------------------------------
+
+def test_run_folder_checks_look_inside_samples_and_at_killed_runs(good_run, tmp_path):
+    """A user's own final.png in DIR/samples (or a dataset there) is never overwritten; a run killed before its first
+    checkpoint is not appended to by a new one; only bdm's own temp files are cleaned."""
+    own = tmp_path / "own"
+    (own / "samples").mkdir(parents=True)
+    (own / "samples" / "final.png").write_bytes(b"my picture")
+    (own / "samples" / ".notes.tmp").write_text("my notes")
+    msg = one_line_error(invoke("train", "--preset", "tiny", "--out", own, "--steps", 2), 2)
+    assert "samples/" in msg
+    assert (own / "samples" / "final.png").read_bytes() == b"my picture" and (own / "samples" / ".notes.tmp").exists()
+    data = _images(tmp_path / "ds" / "samples", n=4)
+    msg = one_line_error(invoke("train", "--preset", "tiny", "--data", data, "--out", data.parent, "--steps", 1,
+                                "--set", "data.split="), 2)
+    assert "overlap" in msg or "not a bdm run's" in msg
+    assert sorted(p.name for p in data.iterdir()) == [f"{i}.png" for i in range(4)]
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "config.yaml").write_bytes((good_run / "config.yaml").read_bytes())
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    assert "before its first checkpoint" in one_line_error(invoke("train", "--preset", "tiny", "--out", killed, "--steps", 2), 2)
+    assert (killed / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+    (killed / "metrics.jsonl").write_text("")  # failed before its first logged step: a new run may start there
+    assert invoke("train", "--preset", "tiny", "--out", killed, "--steps", 1).exit_code == 0
+
+
+def test_outputs_never_replace_the_commands_own_input(good_run, tmp_path, image_file):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(image_file.read_bytes())
+    assert "input" in one_line_error(invoke("blur-preview", photo, "--preset", "tiny", "--out", photo))
+    assert photo.read_bytes() == image_file.read_bytes()
+    ck = tmp_path / "ck.png"
+    ck.write_bytes((good_run / "checkpoint.pt").read_bytes())
+    one_line_error(invoke("sample", "--checkpoint", ck, "--n", 2, "--steps", 2, "--out", ck))
+    assert ck.read_bytes() == (good_run / "checkpoint.pt").read_bytes()
+
+
+def test_non_finite_samples_are_an_error_not_black_images(good_run, tmp_path):
+    state = load_checkpoint(good_run / "checkpoint.pt")
+    for key in ("model", "ema"):  # finite weights whose products overflow
+        state[key] = {k: v * 1e30 if v.is_floating_point() else v for k, v in state[key].items()}
+    run = tmp_path / "big"
+    run.mkdir()
+    torch.save(state, run / "checkpoint.pt")
+    msg = one_line_error(invoke("sample", "--run", run, "--n", 2, "--steps", 2, "--out", tmp_path / "g.png"), 1)
+    assert "not finite" in msg and not (tmp_path / "g.png").exists()
+
+
+def test_fid_cache_keys_on_the_weights_content_and_survives_an_unwritable_cache(tmp_path, monkeypatch):
+    from bdm_cli import fid
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "w.pth").write_bytes(b"weights A")
+    (tmp_path / "b" / "w.pth").write_bytes(b"weights B")
+    monkeypatch.chdir(tmp_path / "a")
+    id_a = fid.weights_id("w.pth")
+    monkeypatch.chdir(tmp_path / "b")
+    assert fid.weights_id("w.pth") != id_a  # same name as typed, other weights
+    (tmp_path / "b" / "w.pth").write_bytes(b"weights A")
+    assert fid.weights_id("w.pth") == id_a  # the same bytes elsewhere share the cache
+    monkeypatch.setenv("BDM_CACHE_DIR", str(tmp_path / "a" / "w.pth"))  # a file: the cache cannot be written
+    imgs = _images(tmp_path / "imgs", n=3)
+    with pytest.warns(UserWarning, match="could not be written"):
+        mu, sigma, n, _ = fid.stats_of(str(imgs), fid.inception(64, "random"), dims=64, device="cpu", workers=0)
+    assert n == 3 and np.isfinite(mu).all()
+
+
+def test_fid_options_that_would_be_silently_ignored(tmp_path, good_run):
+    a = tmp_path / "a.npz"
+    np.savez(a, mu=np.zeros(2048), sigma=np.eye(2048))
+    assert "reference once" in one_line_error(invoke("fid", a, a, "--run", good_run, "--n", 4), 2)
+    for extra in (("--steps", 3), ("--sampler", "ddim"), ("--n", 8), ("--out-dir", tmp_path / "never"), ("--ref", a)):
+        assert "only appl" in one_line_error(invoke("fid", a, a, *extra), 2)
+    assert not (tmp_path / "never").exists()
+
+
+def test_statistics_that_are_not_covariances_or_have_nan_features(tmp_path):
+    from bdm_cli.errors import UserError
+    from bdm_cli.fid import frechet_distance, read_stats
+
+    rng = np.random.default_rng(0)
+    feats = rng.random((50, 64)).astype("f4")
+    feats[3, 5] = np.nan
+    np.savez(tmp_path / "nan.npz", mu=np.zeros(64), sigma=np.eye(64), n=50, feats=feats)
+    sigma = np.eye(64)
+    sigma[0, 0] = -1e6
+    np.savez(tmp_path / "neg.npz", mu=np.zeros(64), sigma=sigma)
+    asym = np.eye(64)
+    asym[0, 1] = 5.0
+    np.savez(tmp_path / "asym.npz", mu=np.zeros(64), sigma=asym)
+    for name in ("nan", "neg", "asym"):
+        with pytest.raises(UserError, match="not a .npz of FID statistics"):
+            read_stats(tmp_path / f"{name}.npz", 64)
+    x = rng.random((10, 4))
+    s = np.cov(x, rowvar=False)
+    assert frechet_distance(x.mean(0), s, x.mean(0), s) >= 0.0  # rounding never shows as a negative FID
+
+
+def test_save_stats_of_a_npz_without_a_count(tmp_path, monkeypatch):
+    from bdm_cli import fid
+
+    src = tmp_path / "pf.npz"
+    np.savez(src, mu=np.zeros(64), sigma=np.eye(64))  # pytorch-fid's own files have no n
+    monkeypatch.setattr(fid, "inception", lambda *a, **k: None)  # no Inception needed for a .npz
+    r = invoke("fid", src, "--save-stats", tmp_path / "re.npz", "--dims", 64)
+    assert r.exit_code == 0 and "no image count" in r.output and "-1" not in r.output, r.output
+    assert "n" not in np.load(tmp_path / "re.npz").files
+
+
+def test_split_folders_under_several_class_folders_are_refused(tmp_path):
+    for cls in ("cats", "dogs"):
+        _images(tmp_path / "odd" / cls / "train", n=2)
+        _images(tmp_path / "odd" / cls / "test", n=1)
+    msg = one_line_error(invoke("train", "--preset", "tiny", "--data", tmp_path / "odd", "--out", tmp_path / "r",
+                                "--steps", 1, "--batch-size", 2), 1)
+    assert "several folders" in msg
+
+
+def test_builtin_names_shadowed_by_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "digits", n=2)
+    assert "built-in" in one_line_error(invoke("fid", "digits", "--save-stats", tmp_path / "d.npz"), 1)
+    assert "built-in" in one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "r", "--steps", 1), 1)
+
+
+def test_error_lines_escape_newlines_and_long_names_are_written(tmp_path, monkeypatch):
+    msg = one_line_error(invoke("fid", str(tmp_path / "no\nsuch"), str(tmp_path / "x")), 1)
+    assert "no\\nsuch" in msg
+    monkeypatch.chdir(tmp_path)
+    long = "a" * 245 + ".png"
+    r = invoke("schedule-plot", "--preset", "tiny", "--out", long)
+    assert r.exit_code == 0 and (tmp_path / long).is_file(), r.output
+
+
+def test_blur_preview_memory_is_bounded(image_file, tmp_path):
+    ts = ",".join(["0.5"] * 13)
+    msg = one_line_error(invoke("blur-preview", image_file, "--preset", "tiny", "--size", 2048, "--t", ts,
+                                "--out", tmp_path / "s.png"), 2)
+    assert "--t takes at most 12" in msg
+
+
+def test_presets_extending_themselves_through_other_spellings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.yaml").write_text("extends: ../sub/a.yaml\n")
+    msg = one_line_error(invoke("schedule-plot", "--preset", "sub/a.yaml", "--out", tmp_path / "p.png"))
+    assert "loop" in msg and len(msg) < 300
+
+
+def test_names_that_are_not_utf8_print_escaped_on_a_strict_terminal(tmp_path):
+    """A UTF-8 terminal cannot encode a file name's undecodable bytes: the name is printed escaped, not a traceback
+    after the work is done."""
+    import subprocess
+    import sys
+
+    out = os.fsencode(str(tmp_path)) + b"/\xfc.png"
+    p = subprocess.run([sys.executable, "-m", "bdm_cli", "schedule-plot", "--preset", "tiny", "--size", "8", "--out", out],
+                       capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"}, timeout=120)
+    assert p.returncode == 0 and b"Traceback" not in p.stdout + p.stderr, p.stderr[-2000:]
+    assert os.path.exists(out) and (b"\\udcfc" in p.stdout or b"\\xfc" in p.stdout), p.stdout
