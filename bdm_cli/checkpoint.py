@@ -109,8 +109,10 @@ def check_data_stats(stats: dict | None, cfg: Config, path: Path) -> None:
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     stats = stats or {}
     for key, value in stats.items():
-        if key in ("mean_u", "var_u", "min_u", "max_u") and (tuple(value.shape) != shape or not value.is_floating_point()
-                                                             or not torch.isfinite(value).all()):
+        if key in ("mean_u", "var_u", "min_u", "max_u") and (
+                tuple(value.shape) != shape or value.is_meta
+                or value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+                or not torch.isfinite(value).all()):
             raise CheckpointError(f"{path}: data_stats.{key} must be finite floats of shape {list(shape)}, got "
                                   f"{value.dtype} {list(value.shape)}")
     if stats and not {"mean_u", "var_u"} <= stats.keys():

@@ -45,6 +45,12 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
+def _home(path: Path | None) -> Path | None:
+    """Path options expand ``~`` as --data does: ``--out=~/x`` (which the shell leaves alone) is the home folder's x,
+    not a folder named ``~`` here."""
+    return path.expanduser() if path is not None else None
+
+
 def _error(message: str) -> None:
     """The one ``Error:`` line: control characters of the message (a newline in a file name, say) shown escaped, and
     square brackets not read as markup."""
@@ -114,7 +120,7 @@ def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float
 
 @app.command("blur-preview")
 def blur_preview_cmd(
-    image: Annotated[Path, typer.Argument(help="An image file (any format Pillow reads).")],
+    image: Annotated[Path, typer.Argument(help="An image file (any format Pillow reads).", callback=_home)],
     t: Annotated[Optional[list[str]], typer.Option("--t", help="Times in [0, 1]; repeat or comma-separate. Default 0, 0.1, ..., 1.")] = None,
     preset: PresetOpt = "cifar10",
     sigma_blur_max: Annotated[Optional[float], typer.Option(help="Override the preset's blur strength.")] = None,
@@ -122,7 +128,7 @@ def blur_preview_cmd(
     size: Annotated[Optional[int], typer.Option(help="Resolution (center crop + resize); default from the preset.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
     no_noise: Annotated[bool, typer.Option("--no-noise", help="Only the pure-blur row.")] = False,
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output PNG.")] = Path("blur_preview.png"),
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output PNG.", callback=_home)] = Path("blur_preview.png"),
     sets: SetOpt = None,
 ):
     """Show the forward process on a real image: z_t at each t, and the pure blur below it."""
@@ -138,8 +144,9 @@ def blur_preview_cmd(
         resolution = size or cfg.data.resolution
         if not 2 <= resolution <= MAX_PREVIEW:
             raise UsageError(f"--size must be in 2..{MAX_PREVIEW}, got {resolution}")
-        if len(ts) * resolution**2 > MAX_STRIP_PIXELS:  # every tile of both rows is held in float32 at once
-            raise UsageError(f"--t takes at most {max(1, MAX_STRIP_PIXELS // resolution**2)} values at --size {resolution} "
+        tile = max(resolution, 128)  # the strip draws its tiles at least 128 px (preview.save_strip)
+        if len(ts) * tile**2 > MAX_STRIP_PIXELS:  # every tile of both rows is held at once
+            raise UsageError(f"--t takes at most {max(1, MAX_STRIP_PIXELS // tile**2)} values at --size {resolution} "
                              f"(got {len(ts)}): the strip would need more memory than bdm allows it")
         check_outputs(out_path, images=True, inputs=[image])
         x = load_image(image, resolution, cfg.data.channels)
@@ -154,11 +161,11 @@ def blur_preview_cmd(
 @app.command("schedule-plot")
 def schedule_plot_cmd(
     preset: PresetOpt = "cifar10",
-    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default schedule.png / .svg).")] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default schedule.png / .svg).", callback=_home)] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="png or svg (default: --out's extension, else png).")] = None,
     compare: Annotated[Optional[str], typer.Option(help="Comma-separated sigma_blur_max values to overlay, e.g. 0,10,20.")] = None,
     size: Annotated[Optional[int], typer.Option(help="Image size whose frequencies are plotted; default from the preset.")] = None,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the numbers to this CSV file.")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the numbers to this CSV file.", callback=_home)] = None,
     sigma_blur_max: Annotated[Optional[float], typer.Option(help="Override the preset's blur strength.")] = None,
     blur: Annotated[Optional[str], typer.Option(help="Blur schedule: sin2 | linear.")] = None,
     sets: SetOpt = None,
@@ -206,8 +213,8 @@ def train_cmd(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `bdm presets`) or a .yaml file "
                                                   "(default digits).")] = None,
     data: Annotated[Optional[str], typer.Option(help="digits, cifar10, a folder or a zip of images (data.dataset).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<preset>).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<preset>).", callback=_home)] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint.", callback=_home)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Total training steps (train.steps).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (train.batch_size).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N (train.device).")] = None,
@@ -232,7 +239,9 @@ def train_cmd(
                 raise UsageError("--resume continues a run with its own config in its own directory; --preset and --out "
                                  "do not apply (change a setting with --set section.key=value)")
             run_dir = resume
-            cfg = apply_overrides(checkpoint_config(load_checkpoint(run_dir / CHECKPOINT)), overrides).validate()
+            saved = checkpoint_config(load_checkpoint(run_dir / CHECKPOINT))
+            _check_config_file(run_dir, saved)
+            cfg = apply_overrides(saved, overrides).validate()
         else:
             cfg = load_config(preset or "digits", overrides)
             run_dir = out_dir or Path("runs") / cfg.preset
@@ -242,7 +251,7 @@ def train_cmd(
                 raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
                                  "training data, or overwrite its images; choose an --out outside the dataset")
             run_dir.mkdir(parents=True, exist_ok=True)
-        main = int(os.environ.get("RANK", "0")) == 0
+        main = os.environ.get("RANK", "0") in ("", "0")  # checked as a number by init_distributed
         if main:
             out.print(f"Training [bold]{cfg.preset or 'custom'}[/] into {run_dir} ({cfg.data.dataset}, "
                       f"{cfg.data.resolution}px, sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.train.steps} steps)",
@@ -303,6 +312,35 @@ def _check_new_run_dir(run_dir: Path) -> None:
                          "another --out")
 
 
+def _check_config_file(run_dir: Path, saved) -> None:
+    """--resume continues the checkpoint's config and rewrites config.yaml from it: a config.yaml edited by hand
+    would be silently ignored, then lost; refused instead, naming the first difference (train.steps aside, which a
+    resume with --steps changes before its first checkpoint)."""
+    import yaml
+
+    from .config import to_dict
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        mine = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        mine = None
+    theirs = to_dict(saved)
+    if not isinstance(mine, dict):
+        raise UsageError(f"{path} is not the config this run wrote; --resume continues the checkpoint's own config and "
+                         "rewrites config.yaml from it: move the file away to continue")
+    for section, values in theirs.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            if (section, key) != ("train", "steps") and (mine.get(section) or {}).get(key, value) != value:
+                raise UsageError(f"{path} was changed since the run wrote it ({section}.{key}: {mine[section][key]!r} there, "
+                                 f"{value!r} in the checkpoint); --resume continues the checkpoint's config: restore the "
+                                 f"file, or change settings with --set {section}.{key}=... (or start a new run)")
+
+
 def _is_bdm_config(path: Path) -> bool:
     """Whether ``path`` is a config.yaml that bdm wrote (a stopped run's), not a user's own file of that name."""
     import yaml
@@ -346,8 +384,9 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
 
 
 GRID_MAX = 1024  # samples shown in one grid PNG
-RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the newest under ./runs).")]
-CkptOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file instead of --run.")]
+RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the newest under ./runs).",
+                                                 callback=_home)]
+CkptOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file instead of --run.", callback=_home)]
 
 
 def _check_sampling(n: int, steps: int | None, sampler: str | None, grid: str | None, batch_size: int) -> None:
@@ -370,8 +409,8 @@ def sample_cmd(
     run: RunOpt = None,
     checkpoint: CkptOpt = None,
     n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
-    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Grid PNG (default grid.png unless --out-dir).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option(help="Also write one PNG per sample here (for FID).")] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Grid PNG (default grid.png unless --out-dir).", callback=_home)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Also write one PNG per sample here (for FID).", callback=_home)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the run's sample.steps).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ancestral | ddim | heun | dpmpp-2m | unipc (default: the run's).")] = None,
     grid: Annotated[Optional[str], typer.Option(help="uniform | logsnr | spectral (default: the sampler's).")] = None,
@@ -381,7 +420,7 @@ def sample_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast in the network (CUDA, CPUs with native bf16).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (pays off for many batches on a GPU).")] = False,
-    trajectory: Annotated[Optional[Path], typer.Option(help="Also write a strip of the predicted x over the steps for 8 samples.")] = None,
+    trajectory: Annotated[Optional[Path], typer.Option(help="Also write a strip of the predicted x over the steps for 8 samples.", callback=_home)] = None,
 ):
     """Draw samples from a trained run: a grid, and/or one PNG per sample."""
     import torch
@@ -433,7 +472,8 @@ def sample_cmd(
 def fid_cmd(
     a: Annotated[Optional[str], typer.Argument(help="Folder or zip of images, .npz (mu/sigma, feats for KID), or cifar10-train / cifar10-test / digits.")] = None,
     b: Annotated[Optional[str], typer.Argument(help="The second input (omit with --save-stats or --run).")] = None,
-    run: RunOpt = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="Run directory whose samples to score against --ref.",
+                                                callback=_home)] = None,
     checkpoint: CkptOpt = None,
     ref: Annotated[Optional[str], typer.Option(help="Reference for --run: any input form above.")] = None,
     n: Annotated[int, typer.Option("--n", help="Samples to draw with --run.")] = 50_000,
@@ -442,10 +482,10 @@ def fid_cmd(
     grid: Annotated[Optional[str], typer.Option(help="Time grid with --run.")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed with --run.")] = 0,
     bf16: Annotated[bool, typer.Option("--bf16", help="With --run: bf16 autocast in the network (CUDA, CPUs with native bf16).")] = False,
-    out_dir: Annotated[Optional[Path], typer.Option(help="With --run, also write the samples as PNGs here.")] = None,
-    save_stats: Annotated[Optional[Path], typer.Option(help="Write mu/sigma (and the KID features) of the (first) input to this .npz.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="With --run, also write the samples as PNGs here.", callback=_home)] = None,
+    save_stats: Annotated[Optional[Path], typer.Option(help="Write mu/sigma (and the KID features) of the (first) input to this .npz.", callback=_home)] = None,
     dims: Annotated[int, typer.Option(help="Inception features: 2048 (standard), 768, 192 or 64.")] = 2048,
-    inception_weights: Annotated[Optional[Path], typer.Option(help="FID Inception state dict (else $BDM_INCEPTION_WEIGHTS or pytorch-fid's download).")] = None,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="FID Inception state dict (else $BDM_INCEPTION_WEIGHTS or pytorch-fid's download).", callback=_home)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per Inception batch.")] = 200,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers (default: cores, up to 8).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
@@ -503,7 +543,10 @@ def fid_cmd(
                         Path(source).resolve() == save_stats.resolve() or Path(source).resolve() in save_stats.resolve().parents):
                     raise UsageError(f"--save-stats {save_stats} would write into the input {source}")
         _check_out_dir(out_dir, save_stats, n=n if sampling else 0, inputs=[x for x in (a, b, ref, run, checkpoint) if x is not None])
-        model = fid.inception(dims, inception_weights, dev)
+        # statistics files need no network: the Inception (and its weights) only for images and samples
+        images = sampling or any(s is not None and not (s not in fid.NAMED_REFS and Path(s).suffix.lower() == ".npz")
+                                 for s in (a, b, ref))
+        model = fid.inception(dims, inception_weights, dev) if images else None
         opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, weights_id=fid.weights_id(inception_weights),
                     use_cache=not no_cache)
         with warnings.catch_warnings():

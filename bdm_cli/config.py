@@ -113,7 +113,8 @@ class Config:
             (self.train.lr > 0, f"train.lr must be > 0, got {self.train.lr:g}"),
             (self.train.warmup >= 0 and self.train.weight_decay >= 0 and self.train.grad_clip >= 0,
              "train.warmup, train.weight_decay and train.grad_clip must be >= 0"),
-            (0 <= self.train.ema_decay <= 1, f"train.ema_decay must be in [0, 1], got {self.train.ema_decay:g}"),
+            (0 <= self.train.ema_decay < 1, f"train.ema_decay must be in [0, 1) (1 would keep the initial weights), "
+                                            f"got {self.train.ema_decay:g}"),
             (0 <= self.train.seed < 2**63, "train.seed must be in 0 .. 2^63-1"),
             (min(self.train.log_every, self.train.sample_every, self.train.checkpoint_every) >= 0,
              "train.log_every, train.sample_every and train.checkpoint_every must be >= 0 (0: never)"),
@@ -126,7 +127,9 @@ class Config:
              f"model.num_heads={self.model.num_heads} must divide every level's width (model.channels x channel_mult)"),
             (self.data.num_workers >= 0, f"data.num_workers must be >= 0, got {self.data.num_workers}"),
             (self.data.resolution <= MAX_RESOLUTION, f"data.resolution must be <= {MAX_RESOLUTION}, got {self.data.resolution}"),
-            (self.sample.n > 0 and self.sample.batch_size > 0, "sample.n and sample.batch_size must be > 0"),
+            (0 < self.sample.n <= 1024 and self.sample.batch_size > 0,
+             f"sample.n (the training grids' samples, drawn in one batch) must be in 1..1024 and sample.batch_size > 0, "
+             f"got {self.sample.n} and {self.sample.batch_size}"),
             (math.isfinite(self.diffusion.sigma_blur_max), "diffusion.sigma_blur_max must be finite"),
             (1 <= self.sample.steps <= 4000 and 1 <= self.sample.preview_steps <= 4000, "sample.steps must be in 1..4000"),
         ]
@@ -183,15 +186,45 @@ class _PresetLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+def _yaml_int(loader: yaml.SafeLoader, node) -> int | str:
+    """Integers as YAML 1.2 reads them: ``010`` is ten (YAML 1.1: eight), ``1:30`` stays text (YAML 1.1: base 60,
+    ninety), so the field's type check names it; ``0x``/``0o``/``0b`` prefixes as written."""
+    raw = loader.construct_scalar(node)
+    text = raw.replace("_", "")
+    if ":" in text:
+        return raw
+    digits = text.lstrip("+-")
+    if len(digits) > 64:  # Python refuses to parse over 4300 digits; no field needs more than 19
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(digits)} digits", node.start_mark)
+    value = int(digits, 0) if digits[:2].lower() in ("0x", "0o", "0b") else int(digits, 10)
+    return -value if text.startswith("-") else value
+
+
+def _yaml_float(loader: yaml.SafeLoader, node) -> float | str:
+    raw = loader.construct_scalar(node)
+    return raw if ":" in raw else loader.construct_yaml_float(node)  # "1:30.5": YAML 1.1 base 60, kept as text
+
+
+_PresetLoader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
+_PresetLoader.add_constructor("tag:yaml.org,2002:float", _yaml_float)
+
+
+def _load_yaml(text: str):
+    """One YAML document through :class:`_PresetLoader` (presets and ``--set`` values read alike)."""
+    loader = _PresetLoader(text)  # a SafeLoader: only plain YAML types are built
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        loader = _PresetLoader(path.read_text(encoding="utf-8"))  # a SafeLoader: only plain YAML types are built
-        try:
-            data = loader.get_single_data()
-        finally:
-            loader.dispose()
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file (a preset is YAML text)") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a preset") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -309,8 +342,8 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
             parsed = value
         else:
             try:
-                parsed = yaml.safe_load(value) if value.strip() else ""
-            except yaml.YAMLError:
+                parsed = _load_yaml(value) if value.strip() else ""
+            except (yaml.YAMLError, RecursionError):
                 parsed = value  # the field's type check says what was wrong with it
             # Keep strings that YAML would turn into dates or other exotic types as strings.
             if not isinstance(parsed, (str, int, float, bool, list)) or parsed is None:

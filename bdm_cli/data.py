@@ -242,7 +242,7 @@ def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = 
     if dataset == "digits":
         return TensorImages(load_digits(resolution, channels))
     if dataset == "cifar10":
-        root = Path(os.environ.get("BDM_DATA_DIR", Path.home() / ".cache" / "bdm"))
+        root = Path(os.environ.get("BDM_DATA_DIR") or Path.home() / ".cache" / "bdm")
         return TensorImages(_cifar10(root, split, resolution, channels))
     if not dataset:
         raise DataError("no dataset given: pass --data (a folder or zip of images, digits or cifar10)")

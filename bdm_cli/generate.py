@@ -11,7 +11,7 @@ import torch
 from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, checkpoint_config, load_checkpoint
 from .config import Config
 from .engine import Step, sample
-from .errors import UserError
+from .errors import UsageError, UserError
 from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device
 from .unet import build_model
 
@@ -40,6 +40,8 @@ class Run:
 
 def find_checkpoint(run: Path | None, checkpoint: Path | None) -> Path:
     """``--checkpoint FILE`` or ``--run DIR``; with neither, the newest ``runs/*/checkpoint.pt``."""
+    if checkpoint is not None and run is not None:
+        raise UsageError("give --run or --checkpoint, not both")
     if checkpoint is not None:
         return checkpoint
     if run is not None:

@@ -139,9 +139,17 @@ def image_format(path: Path | str) -> str:
     return fmt
 
 
+MAX_SIDE = {"WEBP": 16383, "JPEG": 65500}  # what the encoders can write (PNG, BMP and TIFF: 2^31)
+
+
 def write_image(img, path: Path | str) -> Path:
-    """A PIL image to ``path`` in the format of its extension (JPEG at quality 95), atomically."""
+    """A PIL image to ``path`` in the format of its extension (JPEG at quality 95), atomically; a size that format
+    cannot hold is refused before anything is encoded."""
     fmt = image_format(path)
+    limit = MAX_SIDE.get(fmt)
+    if limit and max(img.size) > limit:
+        raise OutputError(f"{path}: a {img.size[0]} x {img.size[1]} image is larger than {fmt} can hold ({limit} px a "
+                          "side); write it as .png")
     return atomic_write_bytes(path, lambda f: img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
 
 

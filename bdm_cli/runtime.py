@@ -73,12 +73,20 @@ def denoiser(net, cfg: Config, stats: dict | None):
     return precondition(net, cfg.diffusion, stats["mean_u"], stats["var_u"])
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # weights that load into a float32 model
+
+
 def load_weights(model: torch.nn.Module, state: dict) -> None:
     """load_state_dict with a one-line message naming the first mismatch (another config's checkpoint)."""
     own = model.state_dict()
     for key, value in state.items():
         if key not in own:
             raise UserError(f"checkpoint does not fit this model: unexpected weight {key!r} (was it trained with another config?)")
+        if not isinstance(value, torch.Tensor) or value.is_meta or value.dtype != own[key].dtype and not (
+                value.dtype in _FLOATS and own[key].dtype in _FLOATS):
+            raise UserError(f"checkpoint does not fit this model: {key} is "
+                            f"{'a meta tensor (no data)' if isinstance(value, torch.Tensor) and value.is_meta else getattr(value, 'dtype', type(value).__name__)}, "
+                            f"where the model has {own[key].dtype} (a checkpoint from elsewhere?)")
         if own[key].shape != value.shape:
             raise UserError(f"checkpoint does not fit this model: {key} has shape {tuple(value.shape)} in the checkpoint, "
                             f"{tuple(own[key].shape)} in the model (was it trained with another config?)")

@@ -25,7 +25,7 @@ from .config import Config, to_dict
 from .data import collate_valid, make_dataset
 from .engine import dct2, eps_loss, sample
 from .errors import UserError
-from .io import make_grid, remove_stale_temps, save_image
+from .io import atomic_write, make_grid, remove_stale_temps, save_image
 from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device
 from .unet import build_model
 
@@ -124,9 +124,18 @@ class Dist:
 def init_distributed(device_name: str) -> Dist:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: nccl on GPUs, gloo on CPUs (also for one process, so that
     ``torchrun --nproc_per_node 1`` runs the same DistributedDataParallel path as eight)."""
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    given = [k for k in names if os.environ.get(k)]
+    if not given:
         return Dist()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    values = {k: os.environ.get(k, "") for k in names[:3]}
+    if missing := [k for k in names if k not in given and k != "LOCAL_RANK"]:  # torchrun sets them all
+        raise UserError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set but not {', '.join(missing)}: run several "
+                        f"processes with torchrun (it sets them all), or unset {', '.join(given)} for one process")
+    if not all(v.isdigit() for v in values.values() if v) or int(values["RANK"]) >= int(values["WORLD_SIZE"] or 0):
+        raise UserError(f"torchrun's variables do not fit: WORLD_SIZE={values['WORLD_SIZE']!r} RANK={values['RANK']!r} "
+                        f"LOCAL_RANK={values['LOCAL_RANK']!r} (whole numbers, RANK below WORLD_SIZE)")
+    local = int(os.environ.get("LOCAL_RANK") or 0)
     cuda = resolve_device(device_name, local).type == "cuda"
     if cuda:
         torch.cuda.set_device(local)
@@ -259,6 +268,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
         for folder in (run_dir, run_dir / "samples"):  # what a killed (kill -9) writer left behind
             remove_stale_temps(folder)
         write_config(run_dir, cfg)
+        if resume:
+            _trim_metrics(run_dir / "metrics.jsonl", step)
     writer = _tensorboard(run_dir) if ddp.main else None
 
     def gathered(state: torch.Tensor) -> list[torch.Tensor]:
@@ -354,6 +365,25 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     return {"step": step, "loss": last_loss, "interrupted": stopped_by is not None, "stopped_by": stopped_by,
             "skipped_batches": skipped_batches, "skipped_images": skipped_images, "device": str(device), "world": ddp.world,
             "model": model, "ema": ema}
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the metrics logged after the checkpoint a resume starts from (a run killed between its last checkpoint
+    and its next log line): the resumed run logs those steps again, so each step appears once."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+
+    def logged_at(line: str) -> float:
+        try:
+            return float(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError, TypeError):
+            return 0.0  # not a metrics line of ours: kept
+
+    keep = [line for line in lines if logged_at(line) <= step]
+    if len(keep) < len(lines):
+        with atomic_write(path, "w") as f:
+            f.writelines(keep)
 
 
 def _lock(run_dir: Path):

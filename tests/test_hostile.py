@@ -18,6 +18,7 @@ from PIL import Image
 from bdm_cli.checkpoint import load_checkpoint
 from bdm_cli.io import check_writable
 
+from .conftest import shared_file
 from .test_reliability import _images, invoke, one_line_error
 
 
@@ -679,3 +680,117 @@ def test_names_that_are_not_utf8_print_escaped_on_a_strict_terminal(tmp_path):
                        capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"}, timeout=120)
     assert p.returncode == 0 and b"Traceback" not in p.stdout + p.stderr, p.stderr[-2000:]
     assert os.path.exists(out) and (b"\\udcfc" in p.stdout or b"\\xfc" in p.stdout), p.stdout
+
+
+# -- round four ---------------------------------------------------------------------------------------------------------
+
+def test_images_too_large_for_their_format_are_refused_before_encoding(image_file, tmp_path):
+    ts = ",".join(["0.5"] * 130)  # 131 tiles of 128 px: wider than WebP's 16383 px
+    msg = one_line_error(invoke("blur-preview", image_file, "--size", 8, "--preset", "tiny", "--t", ts, "--out", tmp_path / "x.webp"))
+    assert "larger than WEBP" in msg and not (tmp_path / "x.webp").exists()
+    assert invoke("blur-preview", image_file, "--size", 8, "--preset", "tiny", "--t", ts, "--out", tmp_path / "x.png").exit_code == 0
+
+
+def test_blur_preview_bound_counts_the_drawn_tiles(image_file, tmp_path):
+    ts = ",".join(["0.5"] * 3100)  # tiny tiles are drawn at 128 px
+    assert "--t takes at most 3072" in one_line_error(invoke("blur-preview", image_file, "--size", 2, "--preset", "tiny",
+                                                             "--t", ts, "--out", tmp_path / "s.png"), 2)
+
+
+@pytest.mark.parametrize("env", [{"RANK": "abc", "WORLD_SIZE": "1", "MASTER_ADDR": "x", "MASTER_PORT": "1"},
+                                 {"RANK": "0", "WORLD_SIZE": "1"}, {"RANK": "1"}])
+def test_torchrun_variables_set_by_mistake(tmp_path, monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    one_line_error(invoke("train", "--preset", "tiny", "--steps", 1, "--out", tmp_path / "r"), 1)
+
+
+def test_home_in_path_options_is_expanded(good_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert invoke("sample", "--run", good_run, "--n", 2, "--steps", 1, "--out-dir=~/sx").exit_code == 0
+    assert len(list((tmp_path / "sx").glob("*.png"))) == 2 and not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("value, field", [("010", 10), ("0100", 100)])
+def test_set_numbers_are_decimal(value, field):
+    from bdm_cli.config import load_config
+
+    assert load_config("tiny", [f"train.steps={value}"]).train.steps == field
+
+
+@pytest.mark.parametrize("override", ["train.steps=1:30", "train.lr=1:30", "train.steps=" + "1" * 5000,
+                                      "model.channels=" + "[" * 2000])
+def test_set_values_that_used_to_crash_or_change_meaning(tmp_path, override):
+    one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "r", "--set", override), 2)
+
+
+def test_preset_files_with_huge_numbers_or_deep_nesting(tmp_path):
+    for text in ("train: {steps: " + "1" * 5000 + "}\n", "model: {channels: " + "[" * 2000 + "}\n"):
+        (tmp_path / "p.yaml").write_text(text)
+        one_line_error(invoke("schedule-plot", "--preset", tmp_path / "p.yaml", "--out", tmp_path / "p.png"))
+
+
+@pytest.mark.parametrize("change", ["meta", "float8", "bool", "complex", "stats_meta"])
+def test_checkpoint_tensors_of_other_kinds(good_run, tmp_path, change):
+    state = load_checkpoint(good_run / "checkpoint.pt")
+    to = {"meta": lambda v: v.to("meta"), "float8": lambda v: v.to(torch.float8_e4m3fn), "bool": lambda v: v.bool(),
+          "complex": lambda v: v.to(torch.complex64)}
+    if change == "stats_meta":
+        state["data_stats"] = {k: v.to("meta") for k, v in state["data_stats"].items()}
+    else:
+        state["ema"] = {k: to[change](v) if v.is_floating_point() else v for k, v in state["ema"].items()}
+    torch.save(state, tmp_path / "ck.pt")
+    one_line_error(invoke("sample", "--checkpoint", tmp_path / "ck.pt", "--n", 2, "--steps", 1, "--out", tmp_path / "o.png"))
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_statistics_far_beyond_inception_features(tmp_path, monkeypatch):
+    from bdm_cli import fid
+
+    monkeypatch.setattr(fid, "inception", lambda *a, **k: pytest.fail("no Inception is needed for two .npz"))
+    np.savez(tmp_path / "huge.npz", mu=np.zeros(64), sigma=np.eye(64) * 1e200)
+    np.savez(tmp_path / "hugemu.npz", mu=np.full(64, 1e200), sigma=np.eye(64))
+    np.savez(tmp_path / "ok.npz", mu=np.zeros(64), sigma=np.eye(64))
+    for bad in ("huge", "hugemu"):
+        assert "beyond Inception" in one_line_error(invoke("fid", tmp_path / f"{bad}.npz", tmp_path / "ok.npz", "--dims", 64), 1)
+    r = invoke("fid", tmp_path / "ok.npz", tmp_path / "ok.npz", "--dims", 64)
+    assert r.exit_code == 0 and "FID: 0.0000" in r.output, r.output
+
+
+def test_inception_weights_with_nan_are_refused(tmp_path):
+    from bdm_cli import fid
+    from bdm_cli.errors import UserError
+
+    state = torch.load(shared_file("fid/pt_inception-2015-12-05.pth"), weights_only=True)
+    state["Conv2d_1a_3x3.conv.weight"][:] = float("nan")
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(UserError, match="not finite"):
+        fid.inception(64, tmp_path / "w.pth")
+
+
+def test_resume_refuses_a_hand_edited_config_and_trims_metrics_after_its_checkpoint(tmp_path):
+    run = tmp_path / "r"
+    assert invoke("train", "--preset", "tiny", "--out", run, "--steps", 2, "--set", "train.log_every=1").exit_code == 0
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("lr: 0.001", "lr: 0.5"))
+    assert "was changed" in one_line_error(invoke("train", "--resume", run, "--steps", 3), 2)
+    assert "lr: 0.5" in (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text)
+    with open(run / "metrics.jsonl", "a") as f:  # a step logged after the checkpoint, then kill -9
+        f.write('{"step": 3, "loss": 0.1}\n')
+    assert invoke("train", "--resume", run, "--steps", 3, "--set", "train.log_every=1").exit_code == 0
+    import json
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3], steps
+
+
+def test_run_and_checkpoint_together_empty_env_and_limits(good_run, tmp_path, monkeypatch):
+    one_line_error(invoke("sample", "--run", tmp_path / "none", "--checkpoint", good_run / "checkpoint.pt", "--n", 1,
+                          "--steps", 1, "--out", tmp_path / "a.png"), 2)
+    from bdm_cli import fid
+
+    monkeypatch.setenv("BDM_CACHE_DIR", "")
+    assert not str(fid.cache_dir()).startswith("fid")
+    for override in ("sample.n=2000", "train.ema_decay=1"):
+        one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "r", "--set", override), 2)
