@@ -304,7 +304,7 @@ def tune(device: torch.device, smoke: bool, compile_too: bool) -> dict:
 def timed_training(args, device: torch.device, report: dict, work: Path) -> dict:
     """bdm train on the carried CIFAR-10 zip for ``--minutes`` (stopped by SIGTERM, bdm's own clean stop), then
     ``--n`` samples with unipc 20 into ``samples_*.npz``."""
-    from bdm_cli.generate import load_run, sample_batches
+    from bdm_cli.generate import load_run
 
     preset = "tiny" if args.smoke else "cifar10"
     batch = load_config(preset).train.batch_size
@@ -338,20 +338,31 @@ def timed_training(args, device: torch.device, report: dict, work: Path) -> dict
     train_s = time.perf_counter() - t0
     run = load_run(work / "run" / "checkpoint.pt", device=device.type)
     t0 = time.perf_counter()
-    parts, chunk, written = [], [], 0
-    for x in sample_batches(run, args.n, batch_size=args.sample_batch, steps=20, sampler="unipc", bf16=True):
-        chunk.append(to_uint8(x).permute(0, 2, 3, 1).numpy())
-        if sum(map(len, chunk)) >= args.part or written + sum(map(len, chunk)) >= args.n:
-            path = Path(args.out) / f"samples_{len(parts)}.npz"
-            np.savez_compressed(path, images=np.concatenate(chunk))
-            parts.append(path.name)
-            written, chunk = written + sum(map(len, chunk)), []
+    parts = write_samples(run, args, args.n, "unipc", 20, "samples")
     sample_s = time.perf_counter() - t0
-    return {"preset": preset, "minutes": args.minutes, "steps": r["step"], "images_seen": r["step"] * batch,
+    # The first two runs' unipc samples scored FID 305 and 289 (saturated colour blobs): a second sampler on the same
+    # model tells an early model's ODE sampling (the stochastic sampler corrects more) from a fault of the GPU path.
+    check = write_samples(run, args, args.n_check, "ancestral", 100, "ancestral") if args.n_check else []
+    return {"check_sampler": "ancestral 100", "check_parts": check, "check_n": args.n_check, "preset": preset, "minutes": args.minutes, "steps": r["step"], "images_seen": r["step"] * batch,
             "ema_decay": ema_decay, "warmup": warmup,
             "train_s": train_s, "compile": use_compile, "loss": r["loss"], "log": log[-20:], "n": args.n,
             "sampler": "unipc 20 (21 network calls)", "sample_s": sample_s, "sample_images_per_s": args.n / sample_s,
             "parts": parts}
+
+
+def write_samples(run, args, n: int, sampler: str, steps: int, prefix: str) -> list[str]:
+    """``n`` samples as uint8 NHWC ``{prefix}_*.npz`` parts in --out (the device returns files up to 16 MiB)."""
+    from bdm_cli.generate import sample_batches
+
+    parts, chunk, written = [], [], 0
+    for x in sample_batches(run, n, batch_size=args.sample_batch, steps=steps, sampler=sampler, bf16=True):
+        chunk.append(to_uint8(x).permute(0, 2, 3, 1).numpy())
+        if sum(map(len, chunk)) >= args.part or written + sum(map(len, chunk)) >= n:
+            path = Path(args.out) / f"{prefix}_{len(parts)}.npz"
+            np.savez_compressed(path, images=np.concatenate(chunk))
+            parts.append(path.name)
+            written, chunk = written + sum(map(len, chunk)), []
+    return parts
 
 
 def speeds(args, device: torch.device, work: Path) -> dict:
@@ -479,6 +490,8 @@ def score(args) -> None:
         t = report.get("train", {})
         if t.get("parts") and "fid" not in t:
             t.update(score_samples(src, t["parts"], Path(args.reference), args.inception_weights))
+        if t.get("check_parts") and "check_fid" not in t:
+            t["check_fid"] = score_samples(src, t["check_parts"], Path(args.reference), args.inception_weights)["fid"]
             with atomic_write(src / "report.json", "w") as f:
                 json.dump(report, f, indent=1, default=str)
     main, *extra = reports.values()
@@ -514,7 +527,9 @@ def training_line(t: dict) -> str:
             f"own loop and loader, stopped after {t['minutes']} minutes, compilation included: {t['steps']} steps, "
             f"{t['images_seen']:,} images seen (compile {'on' if t['compile'] else 'off'}{rate}), last logged loss "
             f"{t['loss']:.4f}; {schedule_note}. Then {t['n']:,} samples with {t['sampler']} at "
-            f"{t['sample_images_per_s']:.0f} images/s: {fid_line}.")
+            f"{t['sample_images_per_s']:.0f} images/s: {fid_line}."
+            + (f" The same model with {t['check_sampler']} ({t['check_n']:,} samples): FID **{t['check_fid']:.2f}**."
+               if "check_fid" in t else ""))
 
 
 def section(report: dict, extra_reports: list[dict] = ()) -> str:
@@ -611,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=str(ROOT / ".gpu-data" / "cifar10-train.zip"))
     p.add_argument("--minutes", type=float, default=2.0, help="the timed training's length, compilation included")
     p.add_argument("--n", type=int, default=10_000, help="samples of the timed training's model")
+    p.add_argument("--n-check", type=int, default=2_000, help="samples of the same model with ancestral 100 (0: none)")
     p.add_argument("--part", type=int, default=5_000, help="samples per npz part (the device returns files <= 16 MiB)")
     p.add_argument("--sample-batch", type=int, default=1000)
     p.add_argument("--fid-batch", type=int, default=500)
@@ -635,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         folder = Path(tempfile.mkdtemp(prefix="bdm-gpu-smoke-"))
         args.data = str(smoke_data(folder)) if args.data == p.get_default("data") else args.data
-        args.minutes, args.n, args.part, args.sample_batch, args.fid_batch = 0.1, 24, 16, 8, 4
+        args.minutes, args.n, args.part, args.sample_batch, args.fid_batch, args.n_check = 0.1, 24, 16, 8, 4, 8
         args.workers, args.no_compile = 0, True
     run(args)
 
