@@ -24,8 +24,10 @@ after each, so one bug costs one figure, not the lease:
    GaussianDiffusion, Adam, clipping, EMA), in turns; achieved FLOP/s (counted by ``torch.utils.flop_counter``)
    against the matmul rate.
 4. ``train``: the cifar10 preset (blur 20) trained for ``--minutes`` from the carried zip (``bdm train``'s own
-   loop and data loader), then ``--n`` samples with unipc at 20 steps (21 network calls), written as uint8 NHWC
-   ``samples_*.npz`` parts; sampling images/s.
+   loop and data loader; bdm's default ``train.compile``: CUDA graphs on one GPU), then ``--n`` samples with unipc at
+   20 steps (21 network calls), written as uint8 NHWC ``samples_*.npz`` parts, and ``--n-check`` samples of the same
+   model with ancestral 100 (``ancestral_*.npz``: tells an early model's ODE sampling from a GPU-path fault);
+   sampling images/s. ``--only PART,...`` runs some parts (a second try, within the same 15 minutes).
 5. ``speeds``: the preset's own sampler (ancestral, 1000 steps) in images/s, and FID-feature images/s
    (the Inception with random weights: the real 91 MB are not carried).
 
