@@ -245,6 +245,9 @@ def train_cmd(
         else:
             cfg = load_config(preset or "digits", overrides)
             run_dir = out_dir or Path("runs") / cfg.preset
+            if preset and Path(preset).is_file() and Path(preset).resolve() == (run_dir / "config.yaml").resolve():
+                raise UsageError(f"--preset {preset} is the config.yaml that the run in {run_dir} would write: keep the "
+                                 "preset outside the run directory")
             _check_new_run_dir(run_dir)
             source = Path(cfg.data.dataset).expanduser()
             if source.exists() and _nested(source, run_dir):
@@ -342,16 +345,20 @@ def _check_config_file(run_dir: Path, saved) -> None:
 
 
 def _is_bdm_config(path: Path) -> bool:
-    """Whether ``path`` is a config.yaml that bdm wrote (a stopped run's), not a user's own file of that name."""
+    """Whether ``path`` is a config.yaml that bdm wrote (a stopped run's), not a user's own file of that name: bdm
+    writes every section and every key; a user's preset holds only differences."""
     import yaml
 
-    from .config import ConfigError, from_dict
+    from .config import Config, ConfigError, from_dict, to_dict
 
     try:
-        from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
-        return True
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        from_dict(data)
     except (ConfigError, OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, ValueError, AttributeError):
         return False
+    full = to_dict(Config())
+    return (set(data) == set(full)
+            and all(isinstance(data[k], dict) and set(data[k]) == set(v) for k, v in full.items() if isinstance(v, dict)))
 
 
 MAX_PREVIEW = 2048  # blur-preview --size: a strip of 12 such tiles is already 100 MB
@@ -538,7 +545,8 @@ def fid_cmd(
             if save_stats.suffix.lower() != ".npz":
                 raise UsageError(f"--save-stats {save_stats} does not end in .npz")
             check_writable(save_stats)
-            for source in (a, b, ref):  # never write the statistics over an input, or into a folder being read
+            # never write the statistics over an input (a checkpoint or weights file too), or into a folder being read
+            for source in (a, b, ref, run, checkpoint, inception_weights):
                 if source is not None and Path(source).exists() and (
                         Path(source).resolve() == save_stats.resolve() or Path(source).resolve() in save_stats.resolve().parents):
                     raise UsageError(f"--save-stats {save_stats} would write into the input {source}")

@@ -47,6 +47,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise UserError(f"statistics of different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    for which, eig in (("first", w), ("second", np.linalg.eigvalsh((s2 + s2.T) / 2))):
+        if eig.min() < -1e-6 * max(1.0, eig.max()):  # rounding gives about -1e-12; clipping more would hide it
+            raise UserError(f"the {which} statistics' sigma is not a covariance matrix (an eigenvalue of {eig.min():.3g}): "
+                            "a damaged or hand-made .npz")
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     m = root1 @ s2 @ root1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
@@ -152,8 +156,8 @@ class FeatureStats:
 def weights_id(weights: str | Path | None) -> str:
     """What the statistics cache keys on for the Inception weights: a hash of the weights file's bytes (a path as
     typed would reuse statistics of other weights found at the same relative or replaced path)."""
-    if str(weights) == "random":
-        return "random"
+    if isinstance(weights, str) and weights == "random":  # the string only, as inception() reads it; a file named
+        return "random"                                  # random (a Path from the CLI) is hashed like any other
     path = _weights_path(weights)
     if path is None:  # pytorch-fid's own download, at its one place
         return "pytorch-fid"
@@ -278,16 +282,28 @@ class ImageSource(torch.utils.data.Dataset):
         h = hashlib.sha256()
         if self.path.is_dir():
             for name in self.names:
-                try:
-                    data = (self.path / name).read_bytes()
-                except OSError:  # unreadable: skipped (and counted) when the features are computed
-                    data = b"\0unreadable"
-                h.update(name.encode("utf-8", "surrogateescape") + b"\0" + data)
+                h.update(name.encode("utf-8", "surrogateescape") + b"\0" + _file_key(self.path / name))
         else:
             with zipfile.ZipFile(self.path) as z:
                 for name in self.names:
                     h.update(f"{name}\0{z.getinfo(name).CRC}\0".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
+
+
+def _file_key(path: Path) -> bytes:
+    """An image file's part of the cache key: its bytes' hash, streamed (memory stays flat); a file over 256 MB,
+    which is no image of a FID set, by its size and time instead of hours of reading."""
+    try:
+        st = path.stat()
+        if st.st_size > 256 << 20:
+            return f"{st.st_size}:{st.st_mtime_ns}".encode()
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.digest()
+    except OSError:  # unreadable: skipped (and counted) when the features are computed
+        return b"\0unreadable"
 
 
 def _collate(batch: list[torch.Tensor | None]) -> torch.Tensor:
@@ -418,14 +434,34 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
     return mu, sigma, st.n, st.rows
 
 
+MAX_NPZ_ARRAY = 1 << 30  # bytes: the features of 10,000 images at 2048 dims are 80 MB
+
+
+def _check_npz_sizes(path: Path, what: str) -> None:
+    """Each member's declared size, read from its header before anything is allocated (a 100-byte file can
+    declare 70 TB)."""
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            if not name.endswith(".npy"):
+                continue
+            with z.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_2_0 if version >= (2, 0) else np.lib.format.read_array_header_1_0
+                shape, _, dtype = read(f)
+            size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if size > MAX_NPZ_ARRAY:
+                raise UserError(f"{what}: {name} declares {size:,} bytes (shape {shape})")
+
+
 def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     """``(mu, sigma, n, feats)`` of a statistics .npz (bdm's or pytorch-fid's ``--save-stats``), checked: plain numeric
     arrays only (no pickles), ``mu`` [dims], ``sigma`` [dims, dims], finite; ``feats`` [n, dims] if present."""
     what = f"{shown(path)} is not a .npz of FID statistics for --dims {dims}"
     try:
+        _check_npz_sizes(path, what)
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in ("mu", "sigma", "n", "feats") if k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, *READ_ERRORS) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, MemoryError, *READ_ERRORS) as e:
         raise UserError(f"{what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
     mu, sigma, feats = arrays.get("mu"), arrays.get("sigma"), arrays.get("feats")
     if mu is None or sigma is None:

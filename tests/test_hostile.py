@@ -794,3 +794,76 @@ def test_run_and_checkpoint_together_empty_env_and_limits(good_run, tmp_path, mo
     assert not str(fid.cache_dir()).startswith("fid")
     for override in ("sample.n=2000", "train.ema_decay=1"):
         one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "r", "--set", override), 2)
+
+
+# -- round five ----------------------------------------------------------------------------------------------------------
+
+def test_fid_save_stats_never_over_its_checkpoint_or_weights(good_run, tmp_path):
+    ck = tmp_path / "ck.npz"
+    ck.write_bytes((good_run / "checkpoint.pt").read_bytes())
+    imgs = _images(tmp_path / "imgs", n=3)
+    one_line_error(invoke("fid", "--checkpoint", ck, "--ref", imgs, "--n", 2, "--steps", 1, "--dims", 64,
+                          "--save-stats", ck), 2)
+    assert ck.read_bytes() == (good_run / "checkpoint.pt").read_bytes()
+
+
+def test_a_users_partial_config_yaml_is_not_taken_for_a_runs(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    text = "# my note\ntrain:\n  steps: 2\n"
+    (exp / "config.yaml").write_text(text)
+    one_line_error(invoke("train", "--preset", exp / "config.yaml", "--out", exp, "--steps", 2), 2)
+    (exp / "other.yaml").write_text("extends: tiny\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("extends: tiny\ntrain:\n  steps: 2\n")
+    one_line_error(invoke("train", "--preset", "tiny", "--out", mine, "--steps", 1), 2)
+    assert (exp / "config.yaml").read_text() == text
+
+
+def test_a_weights_file_named_random_is_hashed_like_any_other(tmp_path, monkeypatch):
+    from bdm_cli import fid
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "random").write_bytes(b"weights A")
+    a = fid.weights_id(Path("random"))
+    (tmp_path / "random").write_bytes(b"weights B")
+    assert fid.weights_id(Path("random")) not in (a, "random")
+
+
+def test_statistics_whose_headers_declare_huge_arrays(tmp_path):
+    import io
+
+    from numpy.lib import format as npformat
+
+    from bdm_cli.errors import UserError
+    from bdm_cli.fid import read_stats
+
+    def member(shape):
+        b = io.BytesIO()
+        npformat.write_array_header_1_0(b, {"descr": "<f8", "fortran_order": False, "shape": shape})
+        b.write(bytes(64))
+        return b.getvalue()
+
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as z:
+        z.writestr("mu.npy", member((10**13,)))
+        z.writestr("sigma.npy", member((64, 64)))
+    with pytest.raises(UserError, match="declares"):
+        read_stats(tmp_path / "bomb.npz", 64)
+
+
+def test_a_huge_file_in_an_image_folder_is_not_read_whole_for_the_cache_key(tmp_path):
+    from bdm_cli.fid import ImageSource
+
+    folder = _images(tmp_path / "big", n=2)
+    with open(folder / "zz.png", "wb") as f:  # sparse: no disk used
+        f.truncate(1 << 40)
+    ImageSource(folder).content_key()  # returns at once, without reading a terabyte
+
+
+def test_an_indefinite_sigma_is_an_error_not_a_zero_fid(tmp_path):
+    from bdm_cli.errors import UserError
+    from bdm_cli.fid import frechet_distance
+
+    with pytest.raises(UserError, match="not a covariance"):
+        frechet_distance(np.zeros(64), 1.5 * np.eye(64) - 0.5 * np.ones((64, 64)), np.zeros(64), np.eye(64))
