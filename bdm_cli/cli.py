@@ -141,7 +141,7 @@ def blur_preview_cmd(
     with user_errors():
         ts = _t_values(t)
         cfg = _diffusion_config(preset, sets, sigma_blur_max, blur)
-        resolution = size or cfg.data.resolution
+        resolution = size if size is not None else cfg.data.resolution
         if not 2 <= resolution <= MAX_PREVIEW:
             raise UsageError(f"--size must be in 2..{MAX_PREVIEW}, got {resolution}")
         tile = max(resolution, 128)  # the strip draws its tiles at least 128 px (preview.save_strip)
@@ -186,6 +186,8 @@ def schedule_plot_cmd(
         cfg = _diffusion_config(preset, sets, sigma_blur_max, blur)
         schedule = cfg.diffusion
         schedules = [schedule]
+        if compare and sigma_blur_max is not None:
+            raise UsageError("--compare gives the sigma_blur_max values to plot; --sigma-blur-max would be ignored")
         if compare:
             try:
                 values = [float(v) for v in compare.split(",") if v.strip()]
@@ -194,7 +196,7 @@ def schedule_plot_cmd(
             if not values or not all(0 <= v <= 1000 for v in values):
                 raise UsageError(f"--compare needs sigma_blur_max values in [0, 1000], got {compare!r}")
             schedules = [replace(schedule, sigma_blur_max=v) for v in values]
-        resolution = size or cfg.data.resolution
+        resolution = size if size is not None else cfg.data.resolution
         if not 2 <= resolution <= MAX_PLOT:
             raise UsageError(f"--size must be in 2..{MAX_PLOT} (the plot holds a log-SNR per frequency and time), got {resolution}")
         path = out_path or Path(f"schedule.{fmt}")
@@ -239,9 +241,13 @@ def train_cmd(
                 raise UsageError("--resume continues a run with its own config in its own directory; --preset and --out "
                                  "do not apply (change a setting with --set section.key=value)")
             run_dir = resume
-            saved = checkpoint_config(load_checkpoint(run_dir / CHECKPOINT))
+            state = load_checkpoint(run_dir / CHECKPOINT)
+            saved = checkpoint_config(state)
             _check_config_file(run_dir, saved)
             cfg = apply_overrides(saved, overrides).validate()
+            if isinstance(state.get("step"), int) and cfg.train.steps < state["step"]:
+                raise UsageError(f"--steps {cfg.train.steps} is below the run's step {state['step']}: give the total to "
+                                 "reach, at least that")
         else:
             cfg = load_config(preset or "digits", overrides)
             run_dir = out_dir or Path("runs") / cfg.preset
@@ -249,11 +255,11 @@ def train_cmd(
                 raise UsageError(f"--preset {preset} is the config.yaml that the run in {run_dir} would write: keep the "
                                  "preset outside the run directory")
             _check_new_run_dir(run_dir)
-            source = Path(cfg.data.dataset).expanduser()
-            if source.exists() and _nested(source, run_dir):
-                raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
-                                 "training data, or overwrite its images; choose an --out outside the dataset")
-            run_dir.mkdir(parents=True, exist_ok=True)
+        source = Path(cfg.data.dataset).expanduser()  # a resume with --data too
+        if source.exists() and _nested(source, run_dir):
+            raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
+                             "training data, or overwrite its images; choose an --out outside the dataset")
+        run_dir.mkdir(parents=True, exist_ok=True)
         main = os.environ.get("RANK", "0") in ("", "0")  # checked as a number by init_distributed
         if main:
             out.print(f"Training [bold]{cfg.preset or 'custom'}[/] into {run_dir} ({cfg.data.dataset}, "
@@ -512,8 +518,8 @@ def fid_cmd(
 
     with user_errors():
         dev = resolve_device(device)
-        if batch_size <= 0:
-            raise UsageError(f"--batch-size must be positive, got {batch_size}")
+        if not 0 < batch_size <= 100_000:
+            raise UsageError(f"--batch-size must be in 1..100000, got {batch_size}")
         if workers is not None and workers < 0:
             raise UsageError(f"--workers must be >= 0, got {workers}")
         if kid_subsets <= 0:
@@ -546,14 +552,14 @@ def fid_cmd(
                 raise UsageError(f"--save-stats {save_stats} does not end in .npz")
             check_writable(save_stats)
             # never write the statistics over an input (a checkpoint or weights file too), or into a folder being read
-            for source in (a, b, ref, run, checkpoint, inception_weights):
+            for source in (a, b, ref, run, checkpoint, inception_weights or os.environ.get(fid.WEIGHTS_ENV) or None):
                 if source is not None and Path(source).exists() and (
                         Path(source).resolve() == save_stats.resolve() or Path(source).resolve() in save_stats.resolve().parents):
                     raise UsageError(f"--save-stats {save_stats} would write into the input {source}")
         _check_out_dir(out_dir, save_stats, n=n if sampling else 0, inputs=[x for x in (a, b, ref, run, checkpoint) if x is not None])
         # statistics files need no network: the Inception (and its weights) only for images and samples
-        images = sampling or any(s is not None and not (s not in fid.NAMED_REFS and Path(s).suffix.lower() == ".npz")
-                                 for s in (a, b, ref))
+        images = sampling or any(s is not None and not (s not in fid.NAMED_REFS and Path(s).suffix.lower() == ".npz"
+                                                        and Path(s).is_file()) for s in (a, b, ref))
         model = fid.inception(dims, inception_weights, dev) if images else None
         opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, weights_id=fid.weights_id(inception_weights),
                     use_cache=not no_cache)

@@ -14,7 +14,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "check_not_shadowed", "image_names", "open_image", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
+__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "check_not_shadowed", "image_names", "open_image", "read_member", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLIT_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev"}
@@ -32,6 +32,17 @@ class DataError(UserError):
 def shown(name: str | Path) -> str:
     """A file name safe to print: bytes that are not UTF-8 (kept by Python as surrogates) shown as escapes."""
     return str(name).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+MAX_MEMBER_BYTES = 256 << 20  # a zip member is read whole: one larger than any image file is refused from its size
+
+
+def read_member(z, name: str) -> bytes:
+    """A zip member's bytes, its declared size checked first (a 500 KB zip can hold 500 MB of zeros)."""
+    size = z.getinfo(name).file_size
+    if size > MAX_MEMBER_BYTES:
+        raise OSError(f"{shown(name)} is {size:,} bytes uncompressed, more than an image file ({MAX_MEMBER_BYTES:,})")
+    return z.read(name)
 
 
 def open_image(fp, name: str | Path):
@@ -140,7 +151,7 @@ class FileImages(torch.utils.data.Dataset):
         if self._zip is None or self._pid != os.getpid():
             # A forked DataLoader worker must not share the parent's handle: the file offset is shared too.
             self._zip, self._pid = zipfile.ZipFile(self.source), os.getpid()
-        return io.BytesIO(self._zip.read(name))
+        return io.BytesIO(read_member(self._zip, name))
 
     def __getitem__(self, i: int) -> torch.Tensor | None:
         """The image, or None (with a warning) if it cannot be decoded: a corrupt file is skipped, never fatal."""

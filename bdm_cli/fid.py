@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .data import READ_ERRORS, DataError, check_not_shadowed, image_names, open_image, shown
+from .data import READ_ERRORS, DataError, check_not_shadowed, image_names, open_image, read_member, shown
 from .errors import UsageError, UserError
 from .io import atomic_write
 
@@ -264,7 +264,7 @@ class ImageSource(torch.utils.data.Dataset):
             else:
                 if self._zip is None or self._pid != os.getpid():  # never share a handle with a forked worker
                     self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
-                fp = io.BytesIO(self._zip.read(name))
+                fp = io.BytesIO(read_member(self._zip, name))
             # As pytorch-fid reads them (no EXIF orientation, so that both give the same FID), with the size limit.
             with fp, open_image(fp, name) as img:
                 arr = np.asarray(img.convert("RGB"))
@@ -469,9 +469,9 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
     for name, a, shape in (("mu", mu, (dims,)), ("sigma", sigma, (dims, dims))):
         if a.dtype.kind not in "fiu" or a.shape != shape or not np.isfinite(a).all():
             raise UserError(f"{what}: {name} must be finite numbers of shape {shape}, got {a.dtype} {a.shape}")
-    if max(np.abs(mu).max(), np.abs(sigma).max()) > 1e6:  # Inception features are below ~20: overflow, not statistics
-        raise UserError(f"{what}: its values reach {max(np.abs(mu).max(), np.abs(sigma).max()):.3g}, far beyond Inception "
-                        "features (below about 20)")
+    peak = max(np.abs(a).max(initial=0) for a in (mu, sigma, feats) if a is not None and a.dtype.kind in "fiu")
+    if peak > 1e6:  # Inception features are below ~20: overflow, not statistics
+        raise UserError(f"{what}: its values reach {peak:.3g}, far beyond Inception features (below about 20)")
     if (np.diagonal(sigma) < 0).any() or not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * max(1.0, np.abs(sigma).max())):
         raise UserError(f"{what}: sigma is not a covariance matrix (it must be symmetric with a non-negative diagonal)")
     if feats is not None and (feats.dtype.kind not in "fiu" or feats.ndim != 2 or feats.shape[1] != dims

@@ -260,7 +260,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.data.num_workers, pin_memory=cuda,
                                          collate_fn=collate_valid, generator=torch.Generator())  # keeps the global RNG untouched
     if ddp.main:
-        for name in ("checkpoint.pt", "config.yaml", "metrics.jsonl", "samples", "tb"):
+        for name in ("checkpoint.pt", "config.yaml", "metrics.jsonl", "samples", "tb", ".lock"):
             if (run_dir / name).is_symlink():  # appending metrics or writing grids would go through it, elsewhere
                 raise UserError(f"{run_dir / name} is a symbolic link; a run directory holds only its own files")
         lock = _lock(run_dir)  # noqa: F841 - held (open) until train() returns
@@ -392,7 +392,10 @@ def _lock(run_dir: Path):
     import fcntl
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / ".lock", "a")
+    path = run_dir / ".lock"
+    if path.is_symlink() or (path.exists() and not path.is_file()):  # a pipe would block the open, a link lead elsewhere
+        raise UserError(f"{path} is not a regular file (a link, pipe or folder); remove it: bdm train makes its own")
+    f = open(path, "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -867,3 +867,47 @@ def test_an_indefinite_sigma_is_an_error_not_a_zero_fid(tmp_path):
 
     with pytest.raises(UserError, match="not a covariance"):
         frechet_distance(np.zeros(64), 1.5 * np.eye(64) - 0.5 * np.ones((64, 64)), np.zeros(64), np.eye(64))
+
+
+# -- round six ------------------------------------------------------------------------------------------------------------
+
+def test_round_six_inputs(good_run, tmp_path, monkeypatch, image_file):
+    folder = _images(tmp_path / "imgs.npz", n=3)  # a folder whose name ends in .npz holds images
+    good = tmp_path / "good.npz"
+    f = np.random.default_rng(0).standard_normal((10, 64))
+    np.savez(good, mu=f.mean(0), sigma=np.cov(f.T), n=10, feats=f)
+    np.savez(tmp_path / "huge.npz", mu=f.mean(0), sigma=np.cov(f.T), n=10, feats=f * 1e120)
+    from bdm_cli import fid
+
+    monkeypatch.setattr(fid, "inception", lambda *a, **k: (_ for _ in ()).throw(fid.UserError("inception was loaded")))
+    assert "inception was loaded" in one_line_error(invoke("fid", folder, good, "--dims", 64, "--workers", 0), 1)
+    assert "beyond Inception" in one_line_error(invoke("fid", tmp_path / "huge.npz", good, "--dims", 64), 1)
+    weights = tmp_path / "w.npz"
+    weights.write_bytes(b"weights")
+    monkeypatch.setenv("BDM_INCEPTION_WEIGHTS", str(weights))
+    one_line_error(invoke("fid", folder, "--save-stats", weights, "--dims", 64), 2)
+    assert weights.read_bytes() == b"weights"
+    one_line_error(invoke("fid", folder, good, "--dims", 64, "--batch-size", 2**63), 2)
+    monkeypatch.delenv("BDM_INCEPTION_WEIGHTS")
+    run = _copy_run(good_run, tmp_path / "run")
+    (run / "samples").mkdir()
+    _images(run / "samples", n=2)
+    assert "overlap" in one_line_error(invoke("train", "--resume", run, "--steps", 3, "--data", run / "samples"), 2)
+    assert "below the run's step" in one_line_error(invoke("train", "--resume", run, "--steps", 1), 2)
+    (run / ".lock").unlink(missing_ok=True)
+    os.mkfifo(run / ".lock")
+    one_line_error(invoke("train", "--resume", run, "--steps", 3), 1)
+    one_line_error(invoke("schedule-plot", "--preset", "tiny", "--sigma-blur-max", 5, "--compare", "0,10",
+                          "--out", tmp_path / "c.png"), 2)
+    one_line_error(invoke("blur-preview", image_file, "--preset", "tiny", "--size", 0, "--out", tmp_path / "p.png"), 2)
+
+
+def test_a_zip_member_is_refused_from_its_declared_size(tmp_path):
+    from bdm_cli.data import read_member
+
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("0.png", "w", force_zip64=True) as f:
+            for _ in range(300):
+                f.write(b"\0" * (1 << 20))
+    with zipfile.ZipFile(tmp_path / "bomb.zip") as z, pytest.raises(OSError, match="uncompressed"):
+        read_member(z, "0.png")
