@@ -384,8 +384,7 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
         raise UsageError(f"--out-dir {out_dir} exists and is not a directory")
     here = out_dir.resolve()
     for source in inputs:
-        src = Path(source).resolve()
-        if Path(source).exists() and (src == here or src in here.parents or here in src.parents):
+        if Path(source).exists() and _nested(Path(source), out_dir):
             raise UsageError(f"--out-dir {out_dir} overlaps the input {source}: the samples would be read as input")
     for f in files:
         if f is not None and f.resolve().parent == here:
@@ -561,8 +560,8 @@ def fid_cmd(
         images = sampling or any(s is not None and not (s not in fid.NAMED_REFS and Path(s).suffix.lower() == ".npz"
                                                         and Path(s).is_file()) for s in (a, b, ref))
         model = fid.inception(dims, inception_weights, dev) if images else None
-        opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, weights_id=fid.weights_id(inception_weights),
-                    use_cache=not no_cache)
+        opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, use_cache=not no_cache,
+                    weights_id=fid.weights_id(inception_weights) if images else "")  # .npz inputs are never cached
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ours are printed below, once
             with _progress("fid") as bar:
