@@ -1,6 +1,7 @@
 import pytest
 
-from bdm_cli.config import Config, ConfigError, from_dict, list_presets, load_config, to_dict
+import yaml
+from bdm_cli.config import Config, ConfigError, from_dict, list_presets, load_config, preset_path, to_dict
 
 
 def test_defaults_and_presets_load():
@@ -44,3 +45,15 @@ def test_yaml_errors(tmp_path):
 def test_frozen():
     with pytest.raises(Exception):
         Config().train.lr = 1.0  # type: ignore[misc]
+
+
+def test_presets_hold_only_differences():
+    """A preset sets only values that differ from what it extends (or the defaults): a repeated default would
+    silently stop following it."""
+    for name in list_presets():
+        data = yaml.safe_load(preset_path(name).read_text())  # only its keys: the values are bdm's to read
+        parent = data.pop("extends", None)
+        base, mine = to_dict(load_config(parent) if parent else Config()), to_dict(load_config(name))
+        repeated = [f"{section}.{key}" for section, values in data.items() for key in values
+                    if base[section][key] == mine[section][key]]
+        assert not repeated, f"{name} repeats {repeated}"
