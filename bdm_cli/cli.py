@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +16,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import UsageError, UserError
+from .paths import user_path
 
 app = typer.Typer(
     name="bdm",
@@ -24,6 +27,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; larger ones would alias smaller ones
+MAX_COMPARE = 16  # schedule-plot --compare: each value is a line in every panel
 
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="Preset name (see `bdm presets`) or a .yaml file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: section.key=value.")]
@@ -45,19 +50,18 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
-def _home(path: Path | None) -> Path | None:
-    """Path options expand ``~`` as --data does: ``--out=~/x`` (which the shell leaves alone) is the home folder's x,
-    not a folder named ``~`` here."""
-    return path.expanduser() if path is not None else None
-
-
 def _error(message: str) -> None:
-    """The one ``Error:`` line: control characters of the message (a newline in a file name, say) shown escaped, and
+    """The one ``Error:`` line."""
+    _say("[bold red]Error:[/]", message)
+
+
+def _say(label: str, message: str) -> None:
+    """One line on stderr: control characters of the message (a newline in a file name, say) shown escaped, and
     square brackets not read as markup."""
     from rich.markup import escape
 
     line = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], message)
-    console.print(f"[bold red]Error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    console.print(f"{label} {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -91,16 +95,21 @@ def presets_cmd(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="A
             out.print(f"[bold]{name:16s}[/] {description}{extra}", highlight=False)
 
 
+def _number(text: str) -> float | None:
+    """A decimal number as typed (``0.5``, ``1e-3``), else None: Python's float() also reads ``0_5`` as five."""
+    text = text.strip()
+    return float(text) if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text) else None
+
+
 def _t_values(ts: list[str] | None) -> list[float]:
     if not ts:
         return [round(0.1 * i, 1) for i in range(11)]
     values = []
     for raw in ts:
         for part in str(raw).split(","):
-            try:
-                t = float(part)
-            except ValueError:
-                raise UsageError(f"--t must be a number in [0, 1], got {part!r}") from None
+            t = _number(part)
+            if t is None:
+                raise UsageError(f"--t must be a number in [0, 1], got {part!r}")
             if not 0.0 <= t <= 1.0:
                 raise UsageError(f"--t must be in [0, 1], got {t:g}")
             values.append(t)
@@ -110,25 +119,29 @@ def _t_values(ts: list[str] | None) -> list[float]:
 def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float | None, blur: str | None):
     from .config import load_config
 
-    overrides = list(sets or [])
-    if sigma_blur_max is not None:
-        overrides.append(f"diffusion.sigma_blur_max={sigma_blur_max}")
-    if blur is not None:
-        overrides.append(f"diffusion.blur={blur}")
-    return load_config(preset, overrides)
+    from .config import ConfigError, apply_overrides
+
+    cfg = load_config(preset, sets or [])
+    for flag, key, value in (("--sigma-blur-max", "sigma_blur_max", sigma_blur_max), ("--blur", "blur", blur)):
+        if value is not None:
+            try:
+                cfg = apply_overrides(cfg, [f"diffusion.{key}={value}"]).validate()
+            except ConfigError as e:  # its message names --set, which the user did not give
+                raise UsageError(f"{flag}: {str(e).split(': ', 1)[-1]}") from None
+    return cfg
 
 
 @app.command("blur-preview")
 def blur_preview_cmd(
-    image: Annotated[Path, typer.Argument(help="An image file (any format Pillow reads).", callback=_home)],
+    image: Annotated[Path, typer.Argument(help="An image file (any format Pillow reads).", parser=user_path)],
     t: Annotated[Optional[list[str]], typer.Option("--t", help="Times in [0, 1]; repeat or comma-separate. Default 0, 0.1, ..., 1.")] = None,
     preset: PresetOpt = "cifar10",
     sigma_blur_max: Annotated[Optional[float], typer.Option(help="Override the preset's blur strength.")] = None,
     blur: Annotated[Optional[str], typer.Option(help="Blur schedule: sin2 | linear.")] = None,
     size: Annotated[Optional[int], typer.Option(help="Resolution (center crop + resize); default from the preset.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the noise.", min=0, max=MAX_SEED)] = 0,
     no_noise: Annotated[bool, typer.Option("--no-noise", help="Only the pure-blur row.")] = False,
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output PNG.", callback=_home)] = Path("blur_preview.png"),
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output PNG.", parser=user_path)] = Path("blur_preview.png"),
     sets: SetOpt = None,
 ):
     """Show the forward process on a real image: z_t at each t, and the pure blur below it."""
@@ -150,7 +163,7 @@ def blur_preview_cmd(
                              f"(got {len(ts)}): the strip would need more memory than bdm allows it")
         check_outputs(out_path, images=True, inputs=[image])
         x = load_image(image, resolution, cfg.data.channels)
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed % 2**63))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
         rows = blur_strip(x, cfg.diffusion, ts, noise, with_noise=not no_noise)
         save_strip(rows, ["original"] + [f"t={v:g}" for v in ts], out_path)
         d = cfg.diffusion
@@ -161,11 +174,11 @@ def blur_preview_cmd(
 @app.command("schedule-plot")
 def schedule_plot_cmd(
     preset: PresetOpt = "cifar10",
-    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default schedule.png / .svg).", callback=_home)] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default schedule.png / .svg).", parser=user_path)] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="png or svg (default: --out's extension, else png).")] = None,
     compare: Annotated[Optional[str], typer.Option(help="Comma-separated sigma_blur_max values to overlay, e.g. 0,10,20.")] = None,
     size: Annotated[Optional[int], typer.Option(help="Image size whose frequencies are plotted; default from the preset.")] = None,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the numbers to this CSV file.", callback=_home)] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the numbers to this CSV file.", parser=user_path)] = None,
     sigma_blur_max: Annotated[Optional[float], typer.Option(help="Override the preset's blur strength.")] = None,
     blur: Annotated[Optional[str], typer.Option(help="Blur schedule: sin2 | linear.")] = None,
     sets: SetOpt = None,
@@ -189,12 +202,14 @@ def schedule_plot_cmd(
         if compare and sigma_blur_max is not None:
             raise UsageError("--compare gives the sigma_blur_max values to plot; --sigma-blur-max would be ignored")
         if compare:
-            try:
-                values = [float(v) for v in compare.split(",") if v.strip()]
-            except ValueError:
-                raise UsageError(f"--compare must be comma-separated numbers, got {compare!r}") from None
+            values = [_number(v) for v in compare.split(",") if v.strip()]
+            if None in values:
+                raise UsageError(f"--compare must be comma-separated numbers, got {compare!r}")
             if not values or not all(0 <= v <= 1000 for v in values):
                 raise UsageError(f"--compare needs sigma_blur_max values in [0, 1000], got {compare!r}")
+            if len(values) > MAX_COMPARE:
+                raise UsageError(f"--compare takes at most {MAX_COMPARE} values (one line each in every panel), "
+                                 f"got {len(values)}")
             schedules = [replace(schedule, sigma_blur_max=v) for v in values]
         resolution = size if size is not None else cfg.data.resolution
         if not 2 <= resolution <= MAX_PLOT:
@@ -215,8 +230,8 @@ def train_cmd(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `bdm presets`) or a .yaml file "
                                                   "(default digits).")] = None,
     data: Annotated[Optional[str], typer.Option(help="digits, cifar10, a folder or a zip of images (data.dataset).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<preset>).", callback=_home)] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint.", callback=_home)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<preset>).", parser=user_path)] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint.", parser=user_path)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Total training steps (train.steps).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (train.batch_size).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N (train.device).")] = None,
@@ -240,11 +255,14 @@ def train_cmd(
             if preset is not None or (out_dir is not None and out_dir.resolve() != resume.resolve()):
                 raise UsageError("--resume continues a run with its own config in its own directory; --preset and --out "
                                  "do not apply (change a setting with --set section.key=value)")
+            if resume.is_file():
+                raise UsageError(f"--resume takes the run's folder ({resume.parent}), not its checkpoint file")
             run_dir = resume
             state = load_checkpoint(run_dir / CHECKPOINT)
             saved = checkpoint_config(state)
             _check_config_file(run_dir, saved)
             cfg = apply_overrides(saved, overrides).validate()
+            _check_resume_overrides(saved, cfg)
             if isinstance(state.get("step"), int) and cfg.train.steps < state["step"]:
                 raise UsageError(f"--steps {cfg.train.steps} is below the run's step {state['step']}: give the total to "
                                  "reach, at least that")
@@ -255,18 +273,24 @@ def train_cmd(
                 raise UsageError(f"--preset {preset} is the config.yaml that the run in {run_dir} would write: keep the "
                                  "preset outside the run directory")
             _check_new_run_dir(run_dir)
-        source = Path(cfg.data.dataset).expanduser()  # a resume with --data too
+        source = user_path(cfg.data.dataset)  # a resume with --data too
         if source.exists() and _nested(source, run_dir):
             raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
                              "training data, or overwrite its images; choose an --out outside the dataset")
+        made = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         main = os.environ.get("RANK", "0") in ("", "0")  # checked as a number by init_distributed
         if main:
             out.print(f"Training [bold]{cfg.preset or 'custom'}[/] into {run_dir} ({cfg.data.dataset}, "
                       f"{cfg.data.resolution}px, sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.train.steps} steps)",
                       highlight=False)
-        with _train_progress(cfg.train.steps, enabled=main) as progress:
-            result = train(cfg, run_dir, resume=resume is not None, progress=progress)
+        try:
+            with _train_progress(cfg.train.steps, enabled=main) as progress:
+                result = train(cfg, run_dir, resume=resume is not None, progress=progress)
+        except UserError:
+            if made:
+                _remove_unstarted_run(run_dir)
+            raise
         if main:
             how = f"Stopped by {result['stopped_by']}; checkpoint saved" if result["interrupted"] else "Done"
             loss = "no step logged" if math.isnan(result["loss"]) else f"loss {result['loss']:.4f}"
@@ -345,9 +369,40 @@ def _check_config_file(run_dir: Path, saved) -> None:
             continue
         for key, value in values.items():
             if (section, key) != ("train", "steps") and (mine.get(section) or {}).get(key, value) != value:
+                how = ("start a new run for another model" if _fixed_on_resume(section, key)
+                       else f"change it with --set {section}.{key}=...")
                 raise UsageError(f"{path} was changed since the run wrote it ({section}.{key}: {mine[section][key]!r} there, "
                                  f"{value!r} in the checkpoint); --resume continues the checkpoint's config: restore the "
-                                 f"file, or change settings with --set {section}.{key}=... (or start a new run)")
+                                 f"file, then {how}")
+
+
+def _remove_unstarted_run(run_dir: Path) -> None:
+    """A run folder this command made, that failed before its first checkpoint (a dataset that cannot be read, say),
+    is not left behind: it holds only bdm's own files of a run that never started."""
+    import shutil
+
+    names = {p.name for p in run_dir.iterdir()}
+    if names <= _RUN_FILES and "checkpoint.pt" not in names:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _fixed_on_resume(section: str, key: str) -> bool:
+    """What a checkpoint's weights and data statistics were made for: the network, the diffusion, the image shape."""
+    return section in ("model", "diffusion") or (section, key) in (("data", "resolution"), ("data", "channels"))
+
+
+def _check_resume_overrides(saved, cfg) -> None:
+    """--set on --resume may change how training goes on (steps, lr, data location, sampling), not what the weights
+    are for: a new network, schedule or image size would fail in the checkpoint, or train it for something else."""
+    from .config import to_dict
+
+    before, after = to_dict(saved), to_dict(cfg)
+    for section, values in after.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if _fixed_on_resume(section, key) and before[section][key] != value:
+                    raise UsageError(f"--set {section}.{key} cannot change on --resume: the run's weights were made for "
+                                     f"{before[section][key]!r}; start a new run (bdm train --out NEW_DIR) for {value!r}")
 
 
 def _is_bdm_config(path: Path) -> bool:
@@ -397,8 +452,8 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
 
 GRID_MAX = 1024  # samples shown in one grid PNG
 RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the newest under ./runs).",
-                                                 callback=_home)]
-CkptOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file instead of --run.", callback=_home)]
+                                                 parser=user_path)]
+CkptOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file instead of --run.", parser=user_path)]
 
 
 def _check_sampling(n: int, steps: int | None, sampler: str | None, grid: str | None, batch_size: int) -> None:
@@ -421,18 +476,18 @@ def sample_cmd(
     run: RunOpt = None,
     checkpoint: CkptOpt = None,
     n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
-    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Grid PNG (default grid.png unless --out-dir).", callback=_home)] = None,
-    out_dir: Annotated[Optional[Path], typer.Option(help="Also write one PNG per sample here (for FID).", callback=_home)] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Grid PNG (default grid.png unless --out-dir).", parser=user_path)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Also write one PNG per sample here (for FID).", parser=user_path)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the run's sample.steps).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ancestral | ddim | heun | dpmpp-2m | unipc (default: the run's).")] = None,
     grid: Annotated[Optional[str], typer.Option(help="uniform | logsnr | spectral (default: the sampler's).")] = None,
-    seed: Annotated[int, typer.Option(help="Sample i depends only on (seed, i).")] = 0,
+    seed: Annotated[int, typer.Option(help="Sample i depends only on (seed, i).", min=0, max=MAX_SEED)] = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per batch (does not change the samples).")] = 64,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast in the network (CUDA, CPUs with native bf16).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (pays off for many batches on a GPU).")] = False,
-    trajectory: Annotated[Optional[Path], typer.Option(help="Also write a strip of the predicted x over the steps for 8 samples.", callback=_home)] = None,
+    trajectory: Annotated[Optional[Path], typer.Option(help="Also write a strip of the predicted x over the steps for 8 samples.", parser=user_path)] = None,
 ):
     """Draw samples from a trained run: a grid, and/or one PNG per sample."""
     import torch
@@ -485,19 +540,19 @@ def fid_cmd(
     a: Annotated[Optional[str], typer.Argument(help="Folder or zip of images, .npz (mu/sigma, feats for KID), or cifar10-train / cifar10-test / digits.")] = None,
     b: Annotated[Optional[str], typer.Argument(help="The second input (omit with --save-stats or --run).")] = None,
     run: Annotated[Optional[Path], typer.Option("--run", help="Run directory whose samples to score against --ref.",
-                                                callback=_home)] = None,
+                                                parser=user_path)] = None,
     checkpoint: CkptOpt = None,
     ref: Annotated[Optional[str], typer.Option(help="Reference for --run: any input form above.")] = None,
     n: Annotated[int, typer.Option("--n", help="Samples to draw with --run.")] = 50_000,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps with --run.")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="Sampler with --run.")] = None,
     grid: Annotated[Optional[str], typer.Option(help="Time grid with --run.")] = None,
-    seed: Annotated[int, typer.Option(help="Sampling seed with --run.")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling seed with --run.", min=0, max=MAX_SEED)] = 0,
     bf16: Annotated[bool, typer.Option("--bf16", help="With --run: bf16 autocast in the network (CUDA, CPUs with native bf16).")] = False,
-    out_dir: Annotated[Optional[Path], typer.Option(help="With --run, also write the samples as PNGs here.", callback=_home)] = None,
-    save_stats: Annotated[Optional[Path], typer.Option(help="Write mu/sigma (and the KID features) of the (first) input to this .npz.", callback=_home)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="With --run, also write the samples as PNGs here.", parser=user_path)] = None,
+    save_stats: Annotated[Optional[Path], typer.Option(help="Write mu/sigma (and the KID features) of the (first) input to this .npz.", parser=user_path)] = None,
     dims: Annotated[int, typer.Option(help="Inception features: 2048 (standard), 768, 192 or 64.")] = 2048,
-    inception_weights: Annotated[Optional[Path], typer.Option(help="FID Inception state dict (else $BDM_INCEPTION_WEIGHTS or pytorch-fid's download).", callback=_home)] = None,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="FID Inception state dict (else $BDM_INCEPTION_WEIGHTS or pytorch-fid's download).", parser=user_path)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per Inception batch.")] = 200,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers (default: cores, up to 8).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
@@ -667,13 +722,73 @@ def _train_progress(total: int, enabled: bool = True):
         yield update
 
 
+def _reopen_closed_streams() -> set[int]:
+    """Standard streams a caller closed (``>&-``) are opened on /dev/null: otherwise the next file bdm opens would get
+    their number, and a print would land in a checkpoint. Returns the numbers that were closed."""
+    closed = set()
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            closed.add(fd)
+    if 1 in closed:
+        sys.stdout = open(1, "w", closefd=False)
+    if 2 in closed:
+        sys.stderr = open(2, "w", closefd=False)
+    return closed
+
+
+class _PipeSafe:
+    """Standard output that a reader may close early (``bdm presets | head -1``): the rest is discarded and the work
+    goes on (a training keeps training), instead of a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self._stream.fileno())  # also the interpreter's last flush at exit goes nowhere, quietly
+        os.close(null)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one ``Warning:`` line, like errors, not Python's file, line number and source line."""
+    _say("[yellow]Warning:[/]", str(message))
+
+
 def run() -> None:
     """The ``bdm`` entry point: Click's own usage errors (an unknown option, a missing argument, ``--n 1.5``) also
     become one ``Error:`` line and exit 2, like bdm's, instead of a usage box. File names that are not UTF-8 are
     printed escaped, whatever the terminal's encoding (no UnicodeEncodeError after the work is done)."""
+    closed = _reopen_closed_streams()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
+    sys.stdout = _PipeSafe(sys.stdout)
+    warnings.showwarning = _warning_line
+    if 1 in closed:
+        _error("standard output is closed (>&-); redirect it to a file or /dev/null instead")
+        sys.exit(2)
     try:
         code = app(prog_name="bdm", standalone_mode=False)
     except typer.Abort:  # Ctrl-C while Click itself runs
@@ -683,7 +798,8 @@ def run() -> None:
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not one of Click's (Typer's) usage errors
             raise
         ctx = getattr(e, "ctx", None)
-        _error(f"{e.format_message()} (see `{ctx.command_path if ctx else 'bdm'} --help`)")
+        if e.format_message():  # empty: `bdm` alone, which printed its help
+            _error(f"{e.format_message()} (see `{ctx.command_path if ctx else 'bdm'} --help`)")
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import warnings
 import zipfile
 import zlib
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .paths import cache_home, user_path
 
 __all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "check_not_shadowed", "image_names", "open_image", "read_member", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
 
@@ -69,6 +71,8 @@ def preprocess(img, resolution: int, channels: int = 3) -> torch.Tensor:
     img = ImageOps.exif_transpose(img)  # a phone's portrait photo is stored sideways with an orientation tag
     if img.mode == "F":  # 32-bit float: [0, 1] (HDR/scientific TIFFs) or 0..255
         arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():  # one NaN would make max() NaN and the whole image black
+            raise ValueError(f"{np.size(arr) - np.isfinite(arr).sum()} of its pixels are not finite numbers (NaN or inf)")
         img = Image.fromarray(np.clip(np.round(arr * (255.0 if arr.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8))
     if img.mode.startswith("I"):
         # 16-bit: 0..65535 maps to 0..255 (65535 / 257 = 255); 32-bit 'I' holding 8-bit values stays as is.
@@ -223,19 +227,23 @@ def load_digits(resolution: int, channels: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _cifar10(root: Path, split: str, resolution: int, channels: int) -> torch.Tensor:
-    from PIL import Image
+def cifar10_uint8(split: str):
+    """CIFAR-10's ``train`` or ``test`` images, uint8 [N, 32, 32, 3], through torchvision (downloaded once into
+    $BDM_DATA_DIR, else ~/.cache/bdm). A folder it had to create is removed again when the download fails."""
     from torchvision.datasets import CIFAR10
 
+    root = Path(os.environ.get("BDM_DATA_DIR") or cache_home())
+    made = not root.exists()
     try:
-        ds = CIFAR10(str(root), train=split != "test", download=True)
+        return CIFAR10(str(root), train=split != "test", download=True).data
     except Exception as e:  # offline: urllib raises several error types
+        if made:  # a folder this command made (and a partial download in it) is not left behind
+            shutil.rmtree(root, ignore_errors=True)
         raise DataError(
             f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}). Point --data at a local copy: "
             "a folder or zip of images, e.g. --data ../shared/data/cifar10-jpeg.zip, or set BDM_DATA_DIR to a folder "
             "holding cifar-10-batches-py"
         ) from None
-    return torch.stack([preprocess(Image.fromarray(a), resolution, channels) for a in ds.data])
 
 
 def check_not_shadowed(name: str, builtins) -> None:
@@ -247,17 +255,17 @@ def check_not_shadowed(name: str, builtins) -> None:
 
 def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = "train") -> torch.utils.data.Dataset:
     """``digits``, ``cifar10`` (torchvision, cached under $BDM_DATA_DIR or ~/.cache/bdm), or a folder / zip of images."""
-    import os
-
     check_not_shadowed(dataset, ("digits", "cifar10"))
     if dataset == "digits":
         return TensorImages(load_digits(resolution, channels))
     if dataset == "cifar10":
-        root = Path(os.environ.get("BDM_DATA_DIR") or Path.home() / ".cache" / "bdm")
-        return TensorImages(_cifar10(root, split, resolution, channels))
+        from PIL import Image
+
+        images = cifar10_uint8(split)
+        return TensorImages(torch.stack([preprocess(Image.fromarray(a), resolution, channels) for a in images]))
     if not dataset:
         raise DataError("no dataset given: pass --data (a folder or zip of images, digits or cifar10)")
-    source = Path(dataset).expanduser()
+    source = user_path(dataset)
     if not source.exists():
         raise DataError(f"dataset not found: {shown(source)} (expected digits, cifar10, a folder or a zip of images)")
     if not (source.is_dir() or source.is_file()):

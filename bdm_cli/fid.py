@@ -26,9 +26,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .data import READ_ERRORS, DataError, check_not_shadowed, image_names, open_image, read_member, shown
+from .data import READ_ERRORS, DataError, check_not_shadowed, cifar10_uint8, image_names, open_image, read_member, shown
 from .errors import UsageError, UserError
 from .io import atomic_write
+from .paths import cache_home, user_path
 
 __all__ = ["frechet_distance", "kernel_distance", "polynomial_mmd", "kid_subsets", "FeatureStats", "inception", "stats_of",
            "ImageSource", "NAMED_REFS", "WEIGHTS_ENV", "weights_id"]
@@ -178,7 +179,7 @@ def _weights_path(path: str | Path | None) -> Path | None:
     path = path or os.environ.get(WEIGHTS_ENV)
     if not path:
         return None
-    path = Path(path).expanduser()
+    path = user_path(path) if isinstance(path, str) else Path(path)  # $BDM_INCEPTION_WEIGHTS may start with ~
     if not path.is_file():
         raise UserError(f"Inception weights not found: {path}")
     return path
@@ -319,16 +320,8 @@ def _collate(batch: list[torch.Tensor | None]) -> torch.Tensor:
     return torch.cat([F.interpolate(x[None], size=(299, 299), mode="bilinear", align_corners=False) for x in batch])
 
 
-def _cifar10_uint8(split: str) -> torch.Tensor:
-    from torchvision.datasets import CIFAR10
-
-    root = Path(os.environ.get("BDM_DATA_DIR") or Path.home() / ".cache" / "bdm")
-    try:
-        ds = CIFAR10(str(root), train=split == "train", download=True)
-    except Exception as e:
-        raise DataError(f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}); "
-                        "pass a folder or zip instead, e.g. ../shared/data/cifar10-jpeg.zip") from None
-    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
+def _cifar10_tensor(split: str) -> torch.Tensor:
+    return torch.from_numpy(cifar10_uint8(split)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def as_inception_input(x: torch.Tensor) -> torch.Tensor:
@@ -379,7 +372,7 @@ def _loader(ds, batch_size: int, workers: int) -> Iterator[torch.Tensor]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BDM_CACHE_DIR") or Path.home() / ".cache" / "bdm") / "fid"  # empty: unset
+    return Path(os.environ.get("BDM_CACHE_DIR") or cache_home()) / "fid"  # empty: unset
 
 
 def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, workers: int | None = None,
@@ -393,7 +386,7 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     path = Path(source)
     if source in NAMED_REFS:
-        images = _digits_uint8() if source == "digits" else _cifar10_uint8(source.split("-")[1])
+        images = _digits_uint8() if source == "digits" else _cifar10_tensor(source.split("-")[1])
         key = hashlib.sha256(f"{source}:{dims}:{weights_id}".encode()).hexdigest()
         batches = lambda: iter(images.split(batch_size))  # noqa: E731
         count = len(images)

@@ -72,8 +72,9 @@ TEMP_SUFFIX = ".bdm.tmp"  # what remove_stale_temps may delete: only bdm's own t
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path | str, mode: str = "wb") -> Iterator[io.IOBase]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
+def atomic_write(path: Path | str, mode: str = "wb", *, exclusive: bool = False) -> Iterator[io.IOBase]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``. ``exclusive``: never
+    replace a file that exists by then (another process writing the same folder), an error instead."""
     path = check_writable(Path(path))
     # the name is cut so that a long (valid) output name still leaves room for the temporary one's additions
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -83,11 +84,32 @@ def atomic_write(path: Path | str, mode: str = "wb") -> Iterator[io.IOBase]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """``tmp`` becomes ``path`` only if no ``path`` exists: a hard link fails where a rename would replace."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputError(f"{path} was written by another process while bdm wrote this folder; give each run its own "
+                          "--out-dir") from None
+    except OSError:  # a file system without hard links: claim the name first, then rename over the claim
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            raise OutputError(f"{path} was written by another process while bdm wrote this folder; give each run its "
+                              "own --out-dir") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def remove_stale_temps(folder: Path) -> int:
@@ -102,8 +124,8 @@ def remove_stale_temps(folder: Path) -> int:
     return removed
 
 
-def atomic_write_bytes(path: Path | str, write: Callable[[io.IOBase], None]) -> Path:
-    with atomic_write(path) as f:
+def atomic_write_bytes(path: Path | str, write: Callable[[io.IOBase], None], *, exclusive: bool = False) -> Path:
+    with atomic_write(path, exclusive=exclusive) as f:
         write(f)
     return Path(path)
 
@@ -142,7 +164,7 @@ def image_format(path: Path | str) -> str:
 MAX_SIDE = {"WEBP": 16383, "JPEG": 65500}  # what the encoders can write (PNG, BMP and TIFF: 2^31)
 
 
-def write_image(img, path: Path | str) -> Path:
+def write_image(img, path: Path | str, *, exclusive: bool = False) -> Path:
     """A PIL image to ``path`` in the format of its extension (JPEG at quality 95), atomically; a size that format
     cannot hold is refused before anything is encoded."""
     fmt = image_format(path)
@@ -150,10 +172,11 @@ def write_image(img, path: Path | str) -> Path:
     if limit and max(img.size) > limit:
         raise OutputError(f"{path}: a {img.size[0]} x {img.size[1]} image is larger than {fmt} can hold ({limit} px a "
                           "side); write it as .png")
-    return atomic_write_bytes(path, lambda f: img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+    return atomic_write_bytes(path, lambda f: img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})),
+                              exclusive=exclusive)
 
 
-def save_image(image: torch.Tensor, path: Path | str, scale: int = 1) -> Path:
+def save_image(image: torch.Tensor, path: Path | str, scale: int = 1, *, exclusive: bool = False) -> Path:
     """Save a [C, H, W] image in [-1, 1] (C = 1 or 3) in the format of ``path``'s extension, atomically; ``scale``
     enlarges it (nearest)."""
     from PIL import Image
@@ -163,10 +186,11 @@ def save_image(image: torch.Tensor, path: Path | str, scale: int = 1) -> Path:
         arr = arr.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     arr = arr.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr, "RGB")
-    return write_image(img, path)
+    return write_image(img, path, exclusive=exclusive)
 
 
 def save_numbered(images: torch.Tensor, out_dir: Path, first: int) -> None:
-    """Save a batch as ``{index:06d}.png`` from ``first`` on: the file of sample i holds sample i in any batching."""
+    """Save a batch as ``{index:06d}.png`` from ``first`` on: the file of sample i holds sample i in any batching.
+    Never over an existing file: two commands writing one folder at once stop with an error, not a mix of both."""
     for j, img in enumerate(images):
-        save_image(img, Path(out_dir) / f"{first + j:06d}.png")
+        save_image(img, Path(out_dir) / f"{first + j:06d}.png", exclusive=True)

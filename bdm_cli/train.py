@@ -292,13 +292,21 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     zero = lambda: torch.zeros((), device=device)  # noqa: E731
     loss_sum, loss_n, skipped, first_skipped = zero(), zero(), zero(), torch.full((), -1, device=device)
     last_loss, stopped_by, skipped_batches, skipped_images = math.nan, None, 0, 0
-    tick, tick_step = time.perf_counter(), step
+    tick, tick_step, start_step = time.perf_counter(), step, step
 
     def settle() -> None:
-        """Read the device's counters (one sync); a non-finite step stops training unless skipping was asked for."""
+        """Read the device's counters (one sync); a non-finite step stops training unless skipping was asked for, and
+        so does a dataset of which most images could not be read (changed or damaged since the run started)."""
         nonlocal skipped_batches, skipped
+        read = torch.tensor([float(skipped_images), float(step - start_step) * tc.batch_size], device=device)
         if ddp.distributed:
             dist.all_reduce(skipped)
+            dist.all_reduce(read)
+            read[1] /= ddp.world  # each rank counted the global batch, and its own unread images
+        unread, tried = read.tolist()
+        if tried >= 4 * tc.batch_size and unread > tried / 2:
+            raise UserError(f"{unread:.0f} of the {tried:.0f} images read since step {start_step} could not be decoded "
+                            "(the dataset changed or is damaged; see the warnings); stopped, the last checkpoint is kept")
         new, first = int(skipped.item()), int(first_skipped.item())
         skipped_batches += new
         skipped.zero_()

@@ -182,7 +182,12 @@ def test_checkpoint_from_another_config(run_dir, tmp_path):
     for f in run_dir.iterdir():
         if f.is_file():
             (copy / f.name).write_bytes(f.read_bytes())
-    msg = one_line_error(invoke("train", "--resume", copy, "--set", "model.channels=16", "--steps", 4), 1)
+    msg = one_line_error(invoke("train", "--resume", copy, "--set", "model.channels=16", "--steps", 4), 2)
+    assert "cannot change on --resume" in msg  # refused before the weights are loaded (round seven of issue #13)
+    state = torch.load(copy / "checkpoint.pt", weights_only=True)
+    state["config"]["model"]["channels"] = 16  # a checkpoint whose config and weights disagree
+    torch.save(state, copy / "checkpoint.pt")
+    msg = one_line_error(invoke("sample", "--checkpoint", copy / "checkpoint.pt", "--out", tmp_path / "g.png"), 1)
     assert "does not fit this model" in msg and "shape" in msg
 
 

@@ -1,0 +1,44 @@
+"""Paths as users type them: ``~`` expanded as a shell does, and the home and cache folders (no torch import: the CLI
+parses its options with these before anything heavy loads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+__all__ = ["user_path", "home", "cache_home"]
+
+
+def user_path(text: str | Path) -> Path:
+    """A path as typed, with a leading ``~`` or ``~user`` expanded as a shell does (``--out=~/x`` reaches bdm
+    unexpanded). Anything else stays literal: ``./~x`` is the file ``~x`` here, and ``~name`` of no user is that
+    name; an empty or unset HOME falls back to the account's home folder."""
+    if isinstance(text, Path):  # a default, or a path bdm made: never expanded twice
+        return text
+    if not text.startswith("~"):
+        return Path(text)
+    head, sep, rest = text.partition("/")
+    if head == "~":
+        return Path(home()) / rest if rest else Path(home())
+    expanded = os.path.expanduser(head)  # ~name: that user's home, or unchanged if there is none
+    return Path(expanded + sep + rest)
+
+
+def home() -> Path:
+    """The user's home folder: $HOME, or the account's entry where HOME is unset or empty (never the root folder)."""
+    import pwd
+
+    value = os.environ.get("HOME")
+    if value:
+        return Path(value)
+    try:
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        raise UserError("HOME is not set and this account has no home folder: set HOME") from None
+
+
+def cache_home() -> Path:
+    """Where bdm keeps downloads and caches by default: ``~/.cache/bdm``."""
+    return home() / ".cache" / "bdm"
