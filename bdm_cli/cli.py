@@ -29,6 +29,10 @@ console = Console(stderr=True)
 out = Console()
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; larger ones would alias smaller ones
 MAX_COMPARE = 16  # schedule-plot --compare: each value is a line in every panel
+MAX_BATCH = 100_000  # samples or images per batch (bdm fid's bound too)
+MAX_WORKERS = 64  # data loader processes, as data.num_workers
+MAX_KID_SUBSETS = 10_000
+MAX_SAMPLES = 10_000_000  # bdm sample --n / fid --n: a 6-digit file name each, and days of sampling at that
 
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="Preset name (see `bdm presets`) or a .yaml file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: section.key=value.")]
@@ -243,7 +247,7 @@ def train_cmd(
 
     from .checkpoint import CHECKPOINT, checkpoint_config, load_checkpoint
     from .config import apply_overrides, load_config
-    from .train import train
+    from .train import RunLocked, train
 
     overrides = list(sets or [])
     for key, value in (("data.dataset", data), ("train.steps", steps), ("train.batch_size", batch_size),
@@ -277,7 +281,7 @@ def train_cmd(
         if source.exists() and _nested(source, run_dir):
             raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
                              "training data, or overwrite its images; choose an --out outside the dataset")
-        made = not run_dir.exists()
+        made = _first_missing(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         main = os.environ.get("RANK", "0") in ("", "0")  # checked as a number by init_distributed
         if main:
@@ -287,9 +291,11 @@ def train_cmd(
         try:
             with _train_progress(cfg.train.steps, enabled=main) as progress:
                 result = train(cfg, run_dir, resume=resume is not None, progress=progress)
+        except RunLocked:  # the folder is the other training's now: never removed
+            raise
         except UserError:
-            if made:
-                _remove_unstarted_run(run_dir)
+            if made is not None:
+                _remove_unstarted_run(run_dir, made)
             raise
         if main:
             how = f"Stopped by {result['stopped_by']}; checkpoint saved" if result["interrupted"] else "Done"
@@ -298,8 +304,7 @@ def train_cmd(
                       + (f"; resume with: bdm train --resume {run_dir}" if result["interrupted"] else ""), highlight=False)
             for what in ("skipped_batches", "skipped_images"):
                 if result[what]:
-                    console.print(f"[yellow]Warning:[/] {result[what]} {what.replace('_', ' ')} (non-finite loss or unreadable files)",
-                                  highlight=False)
+                    _say("[yellow]Warning:[/]", f"{result[what]} {what.replace('_', ' ')} (non-finite loss or unreadable files)")
         if result["interrupted"]:  # a scheduler must not mistake an interrupted run for a finished one
             raise typer.Exit(130 if result["stopped_by"] == "SIGINT" else 143)
 
@@ -376,14 +381,28 @@ def _check_config_file(run_dir: Path, saved) -> None:
                                  f"file, then {how}")
 
 
-def _remove_unstarted_run(run_dir: Path) -> None:
-    """A run folder this command made, that failed before its first checkpoint (a dataset that cannot be read, say),
-    is not left behind: it holds only bdm's own files of a run that never started."""
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what a mkdir -p would make), or None."""
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _remove_unstarted_run(run_dir: Path, made: Path) -> None:
+    """A run folder this command made (with the folders above it that it made), that failed before its first
+    checkpoint (a dataset that cannot be read, say), is not left behind: it holds only bdm's own files."""
     import shutil
 
-    names = {p.name for p in run_dir.iterdir()}
+    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
     if names <= _RUN_FILES and "checkpoint.pt" not in names:
         shutil.rmtree(run_dir, ignore_errors=True)
+        for folder in [run_dir, *run_dir.parents]:  # the empty folders above it that this command made
+            if folder == made.parent:
+                break
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _fixed_on_resume(section: str, key: str) -> bool:
@@ -441,10 +460,11 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
     for source in inputs:
         if Path(source).exists() and _nested(Path(source), out_dir):
             raise UsageError(f"--out-dir {out_dir} overlaps the input {source}: the samples would be read as input")
-    for f in files:
-        if f is not None and f.resolve().parent == here:
+    for f in files:  # at any depth: bdm fid reads the folder's subfolders too
+        if f is not None and _nested(f, out_dir):
             raise UsageError(f"{f} is inside --out-dir {out_dir}, which holds only the numbered samples: write it elsewhere")
-    taken = [f"{i:06d}.png" for i in range(n) if (out_dir / f"{i:06d}.png").exists() or (out_dir / f"{i:06d}.png").is_symlink()]
+    existing = {e.name for e in os.scandir(out_dir)} if out_dir.is_dir() else set()  # one listing, not n stats
+    taken = sorted(name for name in existing if re.fullmatch(r"\d{6,}\.png", name) and int(name[:-4]) < n)
     if taken:
         raise UsageError(f"--out-dir {out_dir} already holds {len(taken)} of the files it would write ({taken[0]}, ...): "
                          "choose an empty folder or remove them")
@@ -467,8 +487,10 @@ def _check_sampling(n: int, steps: int | None, sampler: str | None, grid: str | 
         raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if grid is not None and grid not in GRIDS:
         raise UsageError(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
-    if batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {batch_size}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise UsageError(f"--batch-size must be in 1..{MAX_BATCH}, got {batch_size}")
+    if n > MAX_SAMPLES:
+        raise UsageError(f"--n must be at most {MAX_SAMPLES:,}, got {n:,}")
 
 
 @app.command("sample")
@@ -502,9 +524,9 @@ def sample_cmd(
         ckpt = find_checkpoint(run, checkpoint)
         check_outputs(grid_path, trajectory, images=True, inputs=[ckpt])
         _check_out_dir(out_dir, grid_path, trajectory, n=n, inputs=[ckpt])
+        r = load_run(ckpt, ema=not no_ema, device=device)  # first: a bad checkpoint or device makes no folder
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-        r = load_run(ckpt, ema=not no_ema, device=device)
         k = steps or r.cfg.sample.steps
         name = sampler or r.cfg.sample.sampler
         out.print(f"Sampling {n} images from step {r.step} ({r.cfg.preset}, {name}, {k} steps, {nfe(name, k)} network calls per batch)",
@@ -572,12 +594,12 @@ def fid_cmd(
 
     with user_errors():
         dev = resolve_device(device)
-        if not 0 < batch_size <= 100_000:
-            raise UsageError(f"--batch-size must be in 1..100000, got {batch_size}")
-        if workers is not None and workers < 0:
-            raise UsageError(f"--workers must be >= 0, got {workers}")
-        if kid_subsets <= 0:
-            raise UsageError(f"--kid-subsets must be positive, got {kid_subsets}")
+        if not 0 < batch_size <= MAX_BATCH:
+            raise UsageError(f"--batch-size must be in 1..{MAX_BATCH}, got {batch_size}")
+        if workers is not None and not 0 <= workers <= MAX_WORKERS:
+            raise UsageError(f"--workers must be in 0..{MAX_WORKERS}, got {workers}")
+        if not 0 < kid_subsets <= MAX_KID_SUBSETS:  # clean-fid and torchmetrics use 100
+            raise UsageError(f"--kid-subsets must be in 1..{MAX_KID_SUBSETS}, got {kid_subsets}")
         if kid_subset_size < 2:  # the unbiased estimate averages over pairs of distinct images
             raise UsageError(f"--kid-subset-size must be at least 2, got {kid_subset_size}")
         sampling = run is not None or checkpoint is not None
@@ -618,7 +640,8 @@ def fid_cmd(
         opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, use_cache=not no_cache,
                     weights_id=fid.weights_id(inception_weights) if images else "")  # .npz inputs are never cached
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ours are printed below, once
+            # the dataset's per-image warnings are counted and printed below, once; the cache's own warning stays
+            warnings.filterwarnings("ignore", message="skipping unreadable image")
             with _progress("fid") as bar:
                 task = bar.add_task("fid", total=None)
 
@@ -639,11 +662,11 @@ def fid_cmd(
                 stats2 = fid.stats_of(second, model, progress=progress, on_count=counted, **opts) if second else None
         for label, st, count in zip(("first input", "second input"), (stats1, stats2), counts + [-1, -1]):
             if st is not None and 0 <= st[2] < count:
-                console.print(f"[yellow]Warning:[/] {label}: {count - st[2]} of its {count} images could not be read and "
-                              "were left out (damaged or not images)", highlight=False)
-            if st is not None and 0 <= st[2] < 2048:
-                console.print(f"[yellow]Warning:[/] {label} has {st[2]} images (< 2048): the covariance is rank-deficient "
-                              "and FID is biased upward (KID is not)", highlight=False)
+                _say("[yellow]Warning:[/]", f"{label}: {count - st[2]} of its {count} images could not be read and were "
+                     "left out (damaged or not images)")
+            if st is not None and 0 <= st[2] <= dims:  # a dims x dims covariance needs more than dims images
+                _say("[yellow]Warning:[/]", f"{label} has {st[2]} images (<= {dims}, the feature dimensions): the "
+                     "covariance is rank-deficient and FID is biased upward (KID is not)")
         if save_stats is not None:
             fid.save_stats(save_stats, *stats1)
             count = f"{stats1[2]} images" if stats1[2] >= 0 else "its input .npz records no image count"

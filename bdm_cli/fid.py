@@ -202,9 +202,12 @@ def inception(dims: int = 2048, weights: str | Path | None = None, device: str |
         pfi.load_state_dict_from_url = lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True)
     try:
         model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:  # urllib's errors are OSErrors; a wrong file is a RuntimeError
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
+        # urllib's errors are OSErrors; a file that is no state dict a RuntimeError, KeyError (a text file: torch reads
+        # its first byte as a pickle opcode) or TypeError (a list, a tensor)
         if path is not None:
-            raise UserError(f"cannot load Inception weights from {path}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load Inception weights from {path}: not a pt_inception-2015-12-05 state dict "
+                            f"({type(e).__name__})") from None
         raise UserError(
             "the FID Inception weights are not available offline: pass --inception-weights PATH or set "
             f"{WEIGHTS_ENV}=PATH (a pt_inception-2015-12-05 state dict), or put the file where pytorch-fid looks, "
@@ -279,24 +282,23 @@ class ImageSource(torch.utils.data.Dataset):
         return {**self.__dict__, "_zip": None, "_pid": None}
 
     def content_key(self) -> str:
-        """A hash of the images' bytes (zip: names and CRCs), for the statistics cache."""
+        """A hash of the images' bytes (a zip: the whole file's, since the CRCs in its directory stay the same when a
+        member's data is damaged or repaired), for the statistics cache."""
         h = hashlib.sha256()
         if self.path.is_dir():
             for name in self.names:
                 h.update(name.encode("utf-8", "surrogateescape") + b"\0" + _file_key(self.path / name))
         else:
-            with zipfile.ZipFile(self.path) as z:
-                for name in self.names:
-                    h.update(f"{name}\0{z.getinfo(name).CRC}\0".encode("utf-8", "surrogateescape"))
+            h.update("\0".join(self.names).encode("utf-8", "surrogateescape") + b"\0" + _file_key(self.path, limit=1 << 40))
         return h.hexdigest()
 
 
-def _file_key(path: Path) -> bytes:
-    """An image file's part of the cache key: its bytes' hash, streamed (memory stays flat); a file over 256 MB,
-    which is no image of a FID set, by its size and time instead of hours of reading."""
+def _file_key(path: Path, limit: int = 256 << 20) -> bytes:
+    """A file's part of the cache key: its bytes' hash, streamed (memory stays flat); an image over 256 MB, which is
+    no image of a FID set, by its size and time instead of hours of reading."""
     try:
         st = path.stat()
-        if st.st_size > 256 << 20:
+        if st.st_size > limit:
             return f"{st.st_size}:{st.st_mtime_ns}".encode()
         h = hashlib.sha256()
         with open(path, "rb") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -69,8 +70,15 @@ def load_run(path: Path, *, ema: bool = True, device: str = "auto") -> Run:
 
 
 def sample_generators(seed: int, indices: range, device: torch.device) -> list[torch.Generator]:
-    """One generator per sample, seeded by (seed, index): sample i is the same in any batch (EDM)."""
-    return [torch.Generator(device).manual_seed((seed * 1_000_003 + i) % (2**63)) for i in indices]
+    """One generator per sample, seeded by a hash of (seed, index): sample i is the same in any batch (EDM), and no two
+    (seed, index) pairs share a generator (an affine mix such as ``seed * 1_000_003 + i`` made seed 1's samples
+    seed 0's shifted by 1,000,003, and some seeds another's shifted by one)."""
+    return [torch.Generator(device).manual_seed(_mix(seed, i)) for i in indices]
+
+
+def _mix(seed: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: torch's seeds
 
 
 def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, steps: int | None = None,

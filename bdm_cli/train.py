@@ -32,6 +32,11 @@ from .unet import build_model
 __all__ = ["lr_at", "ema_update", "nonfinite", "make_optimizer", "train_step", "train", "preview_grid", "StepBatches", "Dist", "data_stats"]
 
 
+
+class RunLocked(UserError):
+    """Another ``bdm train`` holds the run folder's lock: the folder is that process's, not to be touched."""
+
+
 def lr_at(step: int, lr: float, warmup: int) -> float:
     """Linear warm-up to ``lr`` over ``warmup`` steps, then constant (DDPM)."""
     return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
@@ -408,7 +413,7 @@ def _lock(run_dir: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise UserError(f"another bdm train is writing into {run_dir} (it holds {run_dir / '.lock'}); wait for it or choose "
+        raise RunLocked(f"another bdm train is writing into {run_dir} (it holds {run_dir / '.lock'}); wait for it or choose "
                         "another --out") from None
     return f
 

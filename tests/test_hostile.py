@@ -1041,3 +1041,80 @@ def test_the_entry_point_with_no_arguments_closed_or_broken_output(tmp_path):
     p = bdm("train", "--preset", "tiny", "--data", folder, "--out", tmp_path / "r", "--steps", 2, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "Warning: skipping unreadable image" in p.stderr and "warnings.warn" not in p.stderr, p.stderr
+
+
+# -- round eight ----------------------------------------------------------------------------------------------------------
+
+def test_a_second_train_that_loses_the_lock_never_removes_the_run(tmp_path, monkeypatch):
+    """Two `bdm train --out SAME` started together: both saw no folder; the one that lost the lock removed the
+    folder of the one training (its first checkpoint not written yet). Now the loser leaves it alone."""
+    from bdm_cli import train as train_module
+
+    run = tmp_path / "run"
+
+    def taken(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')  # the winner's, training
+        raise train_module.RunLocked(f"another bdm train is writing into {run_dir}")
+
+    monkeypatch.setattr(train_module, "_lock", taken)
+    assert "another bdm train" in one_line_error(invoke("train", "--preset", "tiny", "--out", run), 1)
+    assert (run / "metrics.jsonl").is_file()
+
+
+def test_sample_seeds_never_share_a_generator():
+    """Per-sample generators came from seed * 1_000_003 + i (mod 2^63): seed 6886434827944434283's samples were
+    seed 0's shifted by one. Now a hash of (seed, index)."""
+    from bdm_cli.generate import sample_generators
+
+    def first(seed, indices):
+        return [torch.rand(1, generator=g).item() for g in sample_generators(seed, indices, torch.device("cpu"))]
+
+    assert first(6886434827944434283, range(2)) != first(0, range(1, 3))
+    assert first(1, range(1)) != first(0, range(1_000_003, 1_000_004))
+    values = [v for seed in range(20) for v in first(seed, range(20))]
+    assert len(set(values)) == len(values) and first(3, range(5, 8)) == first(3, range(8))[5:]
+
+
+def test_round_eight_inputs(good_run, tmp_path, monkeypatch):
+    """Weights files that are no state dict, a zip whose member data changed under the same CRC (a stale cache),
+    outputs inside --out-dir's subfolders, folders left by failed commands, unbounded counts."""
+    for content in (b"hi\n", None, torch.zeros(3)):
+        path = tmp_path / "w.pt"
+        if content is None or isinstance(content, torch.Tensor):
+            torch.save([1, 2, 3] if content is None else content, path)
+        else:
+            path.write_bytes(content)
+        msg = one_line_error(invoke("fid", "digits", "digits", "--dims", 64, "--inception-weights", path), 1)
+        assert "not a pt_inception" in msg and "weights_only" not in msg
+    from bdm_cli.fid import ImageSource
+
+    zpath = _zip_with(tmp_path / "a.zip", lambda raw: None)
+    key = ImageSource(zpath).content_key()
+    data = bytearray(zpath.read_bytes())
+    data[60] ^= 0xFF  # inside the first member's data: its CRC in the directory stays as it was
+    zpath.write_bytes(bytes(data))
+    assert ImageSource(zpath).content_key() != key
+
+    (tmp_path / "sd" / "sub").mkdir(parents=True)
+    one_line_error(invoke("sample", "--run", good_run, "--n", 3, "--out-dir", tmp_path / "sd", "--out",
+                          tmp_path / "sd" / "sub" / "grid.png"), 2)
+    one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--out-dir", tmp_path / "new" / "x", "--device", "cpu:0"), 2)
+    one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "p1" / "p2" / "run", "--data",
+                          _images(tmp_path / "one", n=1)), 1)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "p1").exists()
+    one_line_error(invoke("sample", "--run", good_run, "--batch-size", 10**6), 2)
+    one_line_error(invoke("sample", "--run", good_run, "--n", 10**12, "--out-dir", tmp_path / "huge"), 2)
+    one_line_error(invoke("fid", "digits", "digits", "--kid-subsets", 10**20), 2)
+    one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "nw", "--set", "data.num_workers=100000"), 2)
+    cache = tmp_path / "afile"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("BDM_CACHE_DIR", str(cache))
+    from bdm_cli import fid
+
+    real = fid.inception(64, "random")
+    monkeypatch.setattr(fid, "inception", lambda *a, **k: real)
+    monkeypatch.setattr(fid, "weights_id", lambda *a, **k: "random")
+    folder = _images(tmp_path / "imgs", n=3)
+    with pytest.warns(UserWarning, match="could not be written"):
+        assert invoke("fid", folder, folder, "--dims", 64, "--workers", 0).exit_code == 0

@@ -176,7 +176,7 @@ def test_stats_of_caches_features_and_recomputes_old_cache(tmp_path, monkeypatch
 # -- bdm fid ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,message", [
-    (["--kid-subsets", "0"], "--kid-subsets must be positive"),
+    (["--kid-subsets", "0"], "--kid-subsets must be in 1.."),
     (["--kid-subset-size", "1"], "--kid-subset-size must be at least 2"),
 ])
 def test_fid_cli_rejects_bad_kid_options(tmp_path, args, message):
