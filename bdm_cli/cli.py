@@ -30,9 +30,8 @@ out = Console()
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; larger ones would alias smaller ones
 MAX_COMPARE = 16  # schedule-plot --compare: each value is a line in every panel
 MAX_BATCH = 100_000  # samples or images per batch (bdm fid's bound too)
-MAX_WORKERS = 64  # data loader processes, as data.num_workers
 MAX_KID_SUBSETS = 10_000
-MAX_SAMPLES = 10_000_000  # bdm sample --n / fid --n: a 6-digit file name each, and days of sampling at that
+MAX_SAMPLES = 10_000_000  # bdm sample --n / fid --n: days of sampling at that (names widen past 999999.png)
 
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="Preset name (see `bdm presets`) or a .yaml file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: section.key=value.")]
@@ -121,9 +120,7 @@ def _t_values(ts: list[str] | None) -> list[float]:
 
 
 def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float | None, blur: str | None):
-    from .config import load_config
-
-    from .config import ConfigError, apply_overrides
+    from .config import ConfigError, apply_overrides, load_config
 
     cfg = load_config(preset, sets or [])
     for flag, key, value in (("--sigma-blur-max", "sigma_blur_max", sigma_blur_max), ("--blur", "blur", blur)):
@@ -398,7 +395,7 @@ def _remove_unstarted_run(run_dir: Path, made: Path) -> None:
     names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
     if names <= _RUN_FILES and "checkpoint.pt" not in names:
         shutil.rmtree(run_dir, ignore_errors=True)
-        for folder in [run_dir, *run_dir.parents]:  # the empty folders above it that this command made
+        for folder in run_dir.parents:  # the empty folders above it that this command made
             if folder == made.parent:
                 break
             with contextlib.suppress(OSError):
@@ -456,7 +453,6 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
         return
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise UsageError(f"--out-dir {out_dir} exists and is not a directory")
-    here = out_dir.resolve()
     for source in inputs:
         if Path(source).exists() and _nested(Path(source), out_dir):
             raise UsageError(f"--out-dir {out_dir} overlaps the input {source}: the samples would be read as input")
@@ -589,6 +585,7 @@ def fid_cmd(
     import numpy as np
 
     from . import fid
+    from .config import MAX_WORKERS
     from .io import check_writable
     from .runtime import resolve_device
 

@@ -24,8 +24,10 @@ import yaml
 from .errors import UsageError
 from .engine import GRIDS, SAMPLERS, BlurSchedule
 
-__all__ = ["Config", "ConfigError", "load_config", "list_presets", "preset_path", "apply_overrides", "to_dict", "from_dict"]
+__all__ = ["Config", "ConfigError", "MAX_WORKERS", "load_config", "list_presets", "preset_path", "apply_overrides", "to_dict", "from_dict"]
 
+
+MAX_WORKERS = 64  # data loader processes: data.num_workers, and bdm fid --workers
 
 class ConfigError(UsageError):
     """A user-facing configuration problem (bad preset, key, value or YAML)."""
@@ -128,7 +130,8 @@ class Config:
              "model.num_heads, model.num_res_blocks and every model.channel_mult must be >= 1"),
             (self.model.num_heads < 1 or all(self.model.channels * m % self.model.num_heads == 0 for m in self.model.channel_mult),
              f"model.num_heads={self.model.num_heads} must divide every level's width (model.channels x channel_mult)"),
-            (0 <= self.data.num_workers <= 64, f"data.num_workers must be in 0..64, got {self.data.num_workers}"),
+            (0 <= self.data.num_workers <= MAX_WORKERS,
+             f"data.num_workers must be in 0..{MAX_WORKERS}, got {self.data.num_workers}"),
             (self.data.resolution <= MAX_RESOLUTION, f"data.resolution must be <= {MAX_RESOLUTION}, got {self.data.resolution}"),
             (0 < self.sample.n <= 1024 and self.sample.batch_size > 0,
              f"sample.n (the training grids' samples, drawn in one batch) must be in 1..1024 and sample.batch_size > 0, "

@@ -179,7 +179,7 @@ def _weights_path(path: str | Path | None) -> Path | None:
     path = path or os.environ.get(WEIGHTS_ENV)
     if not path:
         return None
-    path = user_path(path) if isinstance(path, str) else Path(path)  # $BDM_INCEPTION_WEIGHTS may start with ~
+    path = user_path(path)  # $BDM_INCEPTION_WEIGHTS may start with ~ (a Path option comes back as it is)
     if not path.is_file():
         raise UserError(f"Inception weights not found: {path}")
     return path

@@ -97,18 +97,17 @@ def atomic_write(path: Path | str, mode: str = "wb", *, exclusive: bool = False)
 def _link_new(tmp: str, path: Path) -> None:
     """``tmp`` becomes ``path`` only if no ``path`` exists: a hard link fails where a rename would replace."""
     try:
-        os.link(tmp, path)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: claim the name first, then rename over the claim
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            os.replace(tmp, path)
+            return
     except FileExistsError:
         raise OutputError(f"{path} was written by another process while bdm wrote this folder; give each run its own "
                           "--out-dir") from None
-    except OSError:  # a file system without hard links: claim the name first, then rename over the claim
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        except FileExistsError:
-            raise OutputError(f"{path} was written by another process while bdm wrote this folder; give each run its "
-                              "own --out-dir") from None
-        os.replace(tmp, path)
-        return
     os.unlink(tmp)
 
 
