@@ -123,6 +123,13 @@ def check_data_stats(stats: dict | None, cfg: Config, path: Path) -> None:
         raise CheckpointError(f"{path}: data_stats.var_u must be positive")
     if "min_u" in stats and not (stats["min_u"] <= stats["max_u"]).all():
         raise CheckpointError(f"{path}: data_stats.min_u exceeds max_u")
+    if "basis_u" in stats:  # optional (checkpoints before it: independent channels); orthonormal columns per frequency
+        b = stats["basis_u"]
+        c = shape[0]
+        if (tuple(b.shape) != (c, *shape) or b.is_meta or not b.is_floating_point() or not torch.isfinite(b).all()
+                or (torch.einsum("ckhw,cjhw->hwkj", b.double(), b.double()) - torch.eye(c, dtype=torch.float64)).abs().max() > 1e-3):
+            raise CheckpointError(f"{path}: data_stats.basis_u must be {c} orthonormal columns per frequency, of shape "
+                                  f"{[c, *shape]}")
 
 
 def checkpoint_config(state: dict) -> Config:

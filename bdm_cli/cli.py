@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import UsageError, UserError
-from .paths import user_path
+from .paths import first_missing, user_path
 
 app = typer.Typer(
     name="bdm",
@@ -25,8 +26,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
-out = Console()
+def _console(**kw) -> Console:
+    """A rich console whose lines never wrap (a result or error line stays one line for scripts and pipes), and that
+    takes a COLUMNS too narrow to print in (0, 4) as 80: rich printed nothing at 0 and split numbers at 4."""
+    try:
+        narrow = int(os.environ.get("COLUMNS") or 80) < 20
+    except ValueError:
+        narrow = True
+    return Console(soft_wrap=True, width=80 if narrow else None, **kw)
+
+
+console = _console(stderr=True)
+out = _console()
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; larger ones would alias smaller ones
 MAX_COMPARE = 16  # schedule-plot --compare: each value is a line in every panel
 MAX_BATCH = 100_000  # samples or images per batch (bdm fid's bound too)
@@ -278,7 +289,7 @@ def train_cmd(
         if source.exists() and _nested(source, run_dir):
             raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
                              "training data, or overwrite its images; choose an --out outside the dataset")
-        made = _first_missing(run_dir)
+        made = first_missing(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         main = os.environ.get("RANK", "0") in ("", "0")  # checked as a number by init_distributed
         if main:
@@ -303,7 +314,7 @@ def train_cmd(
                 if result[what]:
                     _say("[yellow]Warning:[/]", f"{result[what]} {what.replace('_', ' ')} (non-finite loss or unreadable files)")
         if result["interrupted"]:  # a scheduler must not mistake an interrupted run for a finished one
-            raise typer.Exit(130 if result["stopped_by"] == "SIGINT" else 143)
+            raise typer.Exit(128 + signal.Signals[result["stopped_by"]].value)  # as the shell reports a signal's kill
 
 
 _RUN_FILES = {"checkpoint.pt", "config.yaml", "metrics.jsonl", "samples", "tb", ".lock"}
@@ -369,6 +380,9 @@ def _check_config_file(run_dir: Path, saved) -> None:
     for section, values in theirs.items():
         if not isinstance(values, dict):
             continue
+        if not isinstance(mine.get(section) or {}, dict):
+            raise UsageError(f"{path} was changed since the run wrote it ({section}: {mine[section]!r} there, a mapping "
+                             "in the checkpoint); --resume continues the checkpoint's config: restore the file")
         for key, value in values.items():
             if (section, key) != ("train", "steps") and (mine.get(section) or {}).get(key, value) != value:
                 how = ("start a new run for another model" if _fixed_on_resume(section, key)
@@ -376,15 +390,6 @@ def _check_config_file(run_dir: Path, saved) -> None:
                 raise UsageError(f"{path} was changed since the run wrote it ({section}.{key}: {mine[section][key]!r} there, "
                                  f"{value!r} in the checkpoint); --resume continues the checkpoint's config: restore the "
                                  f"file, then {how}")
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of ``path`` that does not exist yet (what a mkdir -p would make), or None."""
-    if path.exists():
-        return None
-    while not path.parent.exists() and path.parent != path:
-        path = path.parent
-    return path
 
 
 def _remove_unstarted_run(run_dir: Path, made: Path) -> None:
@@ -617,6 +622,8 @@ def fid_cmd(
                                  "(sampling a model); between two inputs: bdm fid A B")
             if a is None or (b is None and save_stats is None):
                 raise UsageError("give two inputs (bdm fid A B), one input with --save-stats, or --run with --ref")
+        # inputs are names or paths (str): ~ expanded here, as a shell would
+        a, b, ref = (str(user_path(s)) if s and s.startswith("~") else s for s in (a, b, ref))
         for source in (a, b, ref):
             if source is not None:
                 fid.check_input(source)
@@ -633,6 +640,10 @@ def fid_cmd(
         # statistics files need no network: the Inception (and its weights) only for images and samples
         images = sampling or any(s is not None and not (s not in fid.NAMED_REFS and Path(s).suffix.lower() == ".npz"
                                                         and Path(s).is_file()) for s in (a, b, ref))
+        if sampling:  # the checkpoint's errors (none given, both given, not a checkpoint) before any work
+            from .generate import find_checkpoint, load_run
+
+            loaded = load_run(find_checkpoint(run, checkpoint), device=str(dev))
         model = fid.inception(dims, inception_weights, dev) if images else None
         opts = dict(dims=dims, device=dev, batch_size=batch_size, workers=workers, use_cache=not no_cache,
                     weights_id=fid.weights_id(inception_weights) if images else "")  # .npz inputs are never cached
@@ -642,22 +653,25 @@ def fid_cmd(
             with _progress("fid") as bar:
                 task = bar.add_task("fid", total=None)
 
-                counts: list[int] = []
+                counts: dict[str, int] = {}
 
-                def counted(k: int) -> None:
-                    counts.append(k)
-                    bar.update(task, total=(bar.tasks[0].total or 0) + k)
+                def counted(label: str):
+                    def count(k: int) -> None:
+                        counts[label] = k
+                        bar.update(task, total=(bar.tasks[0].total or 0) + k)
+                    return count
 
                 progress = lambda k: bar.update(task, advance=k)  # noqa: E731
+                second = (ref or a) if sampling else b
+                # the reference first: an empty or unreadable one fails before minutes of sampling
+                stats2 = fid.stats_of(second, model, progress=progress, on_count=counted("second input"), **opts) if second else None
                 if sampling:
-                    stats1 = _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, bf16, batch_size, out_dir, model,
-                                             dims, dev, counted, progress)
-                    second = ref or a
+                    stats1 = _fid_of_samples(loaded, n, steps, sampler, grid, seed, bf16, batch_size, out_dir, model,
+                                             dims, dev, counted("first input"), progress)
                 else:
-                    stats1 = fid.stats_of(a, model, progress=progress, on_count=counted, **opts)
-                    second = b
-                stats2 = fid.stats_of(second, model, progress=progress, on_count=counted, **opts) if second else None
-        for label, st, count in zip(("first input", "second input"), (stats1, stats2), counts + [-1, -1]):
+                    stats1 = fid.stats_of(a, model, progress=progress, on_count=counted("first input"), **opts)
+        for label, st in (("first input", stats1), ("second input", stats2)):
+            count = counts.get(label, -1)
             if st is not None and 0 <= st[2] < count:
                 _say("[yellow]Warning:[/]", f"{label}: {count - st[2]} of its {count} images could not be read and were "
                      "left out (damaged or not images)")
@@ -691,13 +705,12 @@ def _print_kid(feats1, feats2, subsets: int, subset_size: int) -> None:
         out.print(f"KID: {mean:.6f} ± {std:.6f} (mean ± std over {subsets} subsets of {m} images)", highlight=False)
 
 
-def _fid_of_samples(run, checkpoint, n, steps, sampler, grid, seed, bf16, batch_size, out_dir, model, dims, dev, counted, progress):
-    """Sample from a run and stream the samples, quantised as a PNG would hold them, into the Inception."""
+def _fid_of_samples(r, n, steps, sampler, grid, seed, bf16, batch_size, out_dir, model, dims, dev, counted, progress):
+    """Sample from a loaded run and stream the samples, quantised as a PNG would hold them, into the Inception."""
     from . import fid
-    from .generate import find_checkpoint, load_run, sample_batches
+    from .generate import sample_batches
     from .io import save_numbered
 
-    r = load_run(find_checkpoint(run, checkpoint), device=str(dev))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     counted(n)

@@ -115,9 +115,11 @@ class Config:
              f"data.resolution {self.data.resolution} must be divisible by 2^(len(model.channel_mult)-1) = "
              f"{2 ** (len(self.model.channel_mult) - 1)}"),
             (self.train.steps >= 0 and self.train.batch_size > 0, "train.steps must be >= 0 and train.batch_size > 0"),
-            (self.train.lr > 0, f"train.lr must be > 0, got {self.train.lr:g}"),
-            (self.train.warmup >= 0 and self.train.weight_decay >= 0 and self.train.grad_clip >= 0,
-             "train.warmup, train.weight_decay and train.grad_clip must be >= 0"),
+            # Adam moves each weight by about lr a step and AdamW shrinks it by lr x weight_decay: beyond 1 the weights
+            # leave every finite range within a step (the run "succeeded" with inf weights)
+            (0 < self.train.lr <= 1, f"train.lr must be in (0, 1], got {self.train.lr:g}"),
+            (self.train.warmup >= 0 and self.train.grad_clip >= 0, "train.warmup and train.grad_clip must be >= 0"),
+            (0 <= self.train.weight_decay <= 1, f"train.weight_decay must be in [0, 1], got {self.train.weight_decay:g}"),
             (0 <= self.train.ema_decay < 1, f"train.ema_decay must be in [0, 1) (1 would keep the initial weights), "
                                             f"got {self.train.ema_decay:g}"),
             (0 <= self.train.seed < 2**63, "train.seed must be in 0 .. 2^63-1"),

@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -29,12 +30,14 @@ import torch
 from .data import READ_ERRORS, DataError, check_not_shadowed, cifar10_uint8, image_names, open_image, read_member, shown
 from .errors import UsageError, UserError
 from .io import atomic_write
-from .paths import cache_home, user_path
+from .paths import cache_home, first_missing, user_path
 
 __all__ = ["frechet_distance", "kernel_distance", "polynomial_mmd", "kid_subsets", "FeatureStats", "inception", "stats_of",
            "ImageSource", "NAMED_REFS", "WEIGHTS_ENV", "weights_id"]
 
 WEIGHTS_ENV = "BDM_INCEPTION_WEIGHTS"
+# pytorch-fid.inception.FID_WEIGHTS_URL, here so that cache keys need no pytorch-fid import
+FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 NAMED_REFS = ("cifar10-train", "cifar10-test", "digits")
 DIMS = (64, 192, 768, 2048)
 RESERVOIR = 10_000  # feature rows kept for KID: 100 subsets of 1,000 draw from these (80 MB at 2048 dims, float32)
@@ -159,8 +162,8 @@ def weights_id(weights: str | Path | None) -> str:
     typed would reuse statistics of other weights found at the same relative or replaced path)."""
     if isinstance(weights, str) and weights == "random":  # the string only, as inception() reads it; a file named
         return "random"                                  # random (a Path from the CLI) is hashed like any other
-    path = _weights_path(weights)
-    if path is None:  # pytorch-fid's own download, at its one place
+    path = _weights_path(weights) or _hub_file(FID_WEIGHTS_URL)
+    if not path.is_file():  # pytorch-fid's own download, not made yet
         return "pytorch-fid"
     st = path.stat()
     return _file_hash(str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -185,6 +188,31 @@ def _weights_path(path: str | Path | None) -> Path | None:
     return path
 
 
+def _hub_file(url: str) -> Path:
+    """Where pytorch-fid keeps its downloaded weights: $TORCH_HOME/hub/checkpoints."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _hub_weights(url: str) -> Path:
+    """pytorch-fid's weights where it keeps them, downloaded there once if missing, as pytorch-fid does; but quietly,
+    and a failed download (offline) leaves no folder behind and says what to do."""
+    dest = _hub_file(url)
+    if dest.is_file():
+        return dest
+    made = first_missing(dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(dest), progress=False)  # a temp file, renamed when complete
+    except (OSError, ValueError, RuntimeError) as e:  # urllib's errors are OSErrors
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise UserError(
+            f"the FID Inception weights are not in {dest} and could not be downloaded ({type(e).__name__}): pass "
+            f"--inception-weights PATH or set {WEIGHTS_ENV}=PATH (a pt_inception-2015-12-05 state dict), or put the "
+            "file there") from None
+    return dest
+
+
 def inception(dims: int = 2048, weights: str | Path | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
     """pytorch-fid's FID InceptionV3 returning pool features of ``dims``; weights from ``weights``,
     ``$BDM_INCEPTION_WEIGHTS``, or pytorch-fid's own download into the torch hub cache (``weights="random"``: seeded
@@ -195,24 +223,17 @@ def inception(dims: int = 2048, weights: str | Path | None = None, device: str |
         raise UsageError(f"--dims must be one of {', '.join(map(str, DIMS))}, got {dims}")
     if weights == "random":
         return _random_inception(dims).to(device).eval().to(memory_format=torch.channels_last)
-    path = _weights_path(weights)
+    path = _weights_path(weights) or _hub_weights(FID_WEIGHTS_URL)
     original = pfi.load_state_dict_from_url
-    if path is not None:
-        # pytorch-fid fetches its state dict through this one function; hand it the local file instead.
-        pfi.load_state_dict_from_url = lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True)
+    # pytorch-fid fetches its state dict through this one function; hand it the local file instead.
+    pfi.load_state_dict_from_url = lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True)
     try:
         model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
-        # urllib's errors are OSErrors; a file that is no state dict a RuntimeError, KeyError (a text file: torch reads
-        # its first byte as a pickle opcode) or TypeError (a list, a tensor)
-        if path is not None:
-            raise UserError(f"cannot load Inception weights from {path}: not a pt_inception-2015-12-05 state dict "
-                            f"({type(e).__name__})") from None
-        raise UserError(
-            "the FID Inception weights are not available offline: pass --inception-weights PATH or set "
-            f"{WEIGHTS_ENV}=PATH (a pt_inception-2015-12-05 state dict), or put the file where pytorch-fid looks, "
-            "$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth"
-        ) from None
+        # a file that is no state dict: a RuntimeError, KeyError (a text file: torch reads its first byte as a pickle
+        # opcode) or TypeError (a list, a tensor)
+        raise UserError(f"cannot load Inception weights from {path}: not a pt_inception-2015-12-05 state dict "
+                        f"({type(e).__name__})") from None
     finally:
         pfi.load_state_dict_from_url = original
     broken = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
@@ -374,7 +395,7 @@ def _loader(ds, batch_size: int, workers: int) -> Iterator[torch.Tensor]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BDM_CACHE_DIR") or cache_home()) / "fid"  # empty: unset
+    return user_path(os.environ.get("BDM_CACHE_DIR") or cache_home()) / "fid"  # empty: unset; ~ as a shell would
 
 
 def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, workers: int | None = None,
@@ -479,6 +500,8 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
 
 def check_input(source: str) -> None:
     """Fail before the Inception loads if an input is neither a named reference nor an existing path (nor both)."""
+    if not source:  # Path("") is the current folder: an unset shell variable would score it
+        raise UsageError("an input is empty (an unset shell variable?): give a folder, zip, .npz or named reference")
     check_not_shadowed(source, NAMED_REFS)
     if source not in NAMED_REFS and not Path(source).exists():
         raise UserError(f"not found: {shown(source)} (a folder or zip of images, a .npz, or one of {', '.join(NAMED_REFS)})")

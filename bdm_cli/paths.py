@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["user_path", "home", "cache_home"]
+__all__ = ["user_path", "home", "cache_home", "first_missing"]
 
 
 def user_path(text: str | Path) -> Path:
@@ -42,3 +42,13 @@ def home() -> Path:
 def cache_home() -> Path:
     """Where bdm keeps downloads and caches by default: ``~/.cache/bdm``."""
     return home() / ".cache" / "bdm"
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what a ``mkdir -p`` would make), or None: what a
+    command that fails removes again, so that it leaves nothing behind."""
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path

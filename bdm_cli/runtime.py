@@ -70,7 +70,7 @@ def denoiser(net, cfg: Config, stats: dict | None):
     """The eps predictor the engine trains and samples: the network, preconditioned when the config says so."""
     if not (cfg.model.precondition and stats):
         return net
-    return precondition(net, cfg.diffusion, stats["mean_u"], stats["var_u"])
+    return precondition(net, cfg.diffusion, stats["mean_u"], stats["var_u"], stats.get("basis_u"))
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # weights that load into a float32 model

@@ -150,7 +150,7 @@ def init_distributed(device_name: str) -> Dist:
 
 
 class _Stop:
-    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's kill) set a flag that the loop checks between steps, so a stop ends
+    """Ctrl-C (SIGINT), SIGTERM (a scheduler's kill) and SIGHUP (a closed terminal) set a flag that the loop checks between steps, so a stop ends
     with a consistent checkpoint: a KeyboardInterrupt raised at an arbitrary point could fire inside a lock (rich's
     live display) or half-way through an optimizer step. A second Ctrl-C interrupts at once; the last saved
     checkpoint is kept."""
@@ -159,7 +159,8 @@ class _Stop:
         self.requested: str | None = None  # the signal's name
 
     def __enter__(self):
-        signals = (signal.SIGINT, signal.SIGTERM)
+        # SIGHUP: a closed terminal or a dropped ssh session, which would otherwise kill the run without a checkpoint
+        signals = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
         self._old = {s: signal.signal(s, self._handle) for s in signals} if _main_thread() else {}
         return self
 
@@ -181,22 +182,26 @@ def _main_thread() -> bool:
 
 @torch.no_grad()
 def data_stats(data, max_images: int = 10_000, batch: int = 500) -> dict[str, torch.Tensor]:
-    """Per-frequency mean, variance, minimum and maximum of ``DCT(x)`` over (up to ``max_images`` of) the data,
-    float32 [C, H, W]: the Gaussian of the preconditioner and the bounds of the samplers' x prediction."""
+    """Per-frequency statistics of ``DCT(x)`` over (up to ``max_images`` of) the data, float32: the Gaussian of the
+    preconditioner (``mean_u`` [C, H, W]; each frequency's C x C colour covariance as eigenvectors ``basis_u``
+    [C, C, H, W] and eigenvalues ``var_u`` [C, H, W], see engine.gaussian_eps) and the per-channel bounds ``min_u``,
+    ``max_u`` [C, H, W] of the samplers' x prediction."""
     idx = torch.linspace(0, len(data) - 1, min(len(data), max_images)).long().tolist()
     n, s1, s2, low, high = 0, 0.0, 0.0, None, None
     for i in range(0, len(idx), batch):
         x = collate_valid([data[j] for j in idx[i : i + batch]])
         if len(x):
             u = dct2(x.double())
-            n, s1, s2 = n + len(u), s1 + u.sum(0), s2 + (u**2).sum(0)
+            n, s1, s2 = n + len(u), s1 + u.sum(0), s2 + torch.einsum("bchw,bdhw->hwcd", u, u)
             low = u.amin(0) if low is None else torch.minimum(low, u.amin(0))
             high = u.amax(0) if high is None else torch.maximum(high, u.amax(0))
     if n == 0:
         raise UserError("none of the dataset's images could be read")
     mean = s1 / n
-    return {"mean_u": mean.float(), "var_u": (s2 / n - mean**2).clamp(min=1e-8).float(), "min_u": low.float(),
-            "max_u": high.float()}
+    m = mean.permute(1, 2, 0)  # [H, W, C]
+    var, basis = torch.linalg.eigh(s2 / n - m[..., :, None] * m[..., None, :])  # per frequency, ascending
+    return {"mean_u": mean.float(), "var_u": var.permute(2, 0, 1).clamp(min=1e-8).float(),
+            "basis_u": basis.permute(2, 3, 0, 1).contiguous().float(), "min_u": low.float(), "max_u": high.float()}
 
 
 def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0, stats: dict | None = None) -> torch.Tensor:

@@ -125,7 +125,8 @@ def bdm_step(cfg, device, x, compile_net: bool | str, channels_last: bool = True
         model = model.to(memory_format=torch.channels_last)
     ema, opt = copy.deepcopy(model).requires_grad_(False), make_optimizer(model, cfg.train)
     c, r = cfg.data.channels, cfg.data.resolution
-    stats = {"mean_u": torch.zeros(c, r, r, device=device), "var_u": torch.ones(c, r, r, device=device)}
+    stats = {"mean_u": torch.zeros(c, r, r, device=device), "var_u": torch.ones(c, r, r, device=device),
+             "basis_u": torch.eye(c, device=device)[:, :, None, None].expand(c, c, r, r)}  # as data_stats: colour bases
     net = torch.compile(model, mode=compile_net) if isinstance(compile_net, str) else compiled(model, str(compile_net), device)
     net = bf16_network(net, device, True)
     eps_model = denoiser(net, cfg, stats)
@@ -342,8 +343,9 @@ def timed_training(args, device: torch.device, report: dict, work: Path) -> dict
     t0 = time.perf_counter()
     parts = write_samples(run, args, args.n, "unipc", 20, "samples")
     sample_s = time.perf_counter() - t0
-    # The first two runs' unipc samples scored FID 305 and 289 (saturated colour blobs): a second sampler on the same
-    # model tells an early model's ODE sampling (the stochastic sampler corrects more) from a fault of the GPU path.
+    # A second sampler on the same model tells an early model's ODE sampling from a fault of the GPU path: the first
+    # runs' unipc samples scored FID 305 and 289 (colour blobs); the third's ancestral 100 scored 71 where its unipc
+    # 20 scored 246 (unipc's second-order terms overshoot on a young model; docs/benchmarks.md, GPU notes).
     check = write_samples(run, args, args.n_check, "ancestral", 100, "ancestral") if args.n_check else []
     return {"check_sampler": "ancestral 100", "check_parts": check, "check_n": args.n_check, "preset": preset, "minutes": args.minutes, "steps": r["step"], "images_seen": r["step"] * batch,
             "ema_decay": ema_decay, "warmup": warmup,

@@ -106,7 +106,7 @@ def test_data_is_a_name_not_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("value,message", [
-    ("train.lr=-1", "train.lr must be > 0"), ("model.dropout=2", "model.dropout"), ("model.num_heads=0", "num_heads"),
+    ("train.lr=-1", "train.lr must be in (0, 1]"), ("model.dropout=2", "model.dropout"), ("model.num_heads=0", "num_heads"),
     ("model.num_heads=3", "must divide"), ("data.num_workers=-1", "num_workers"), ("train.ema_decay=nan", "ema_decay"),
     ("train.ema_decay=.nan", "ema_decay"), ("diffusion.sigma_blur_max=.inf", "sigma_blur_max"), ("train.seed=-1", "seed"),
     ("train.seed=10000000000000000000", "seed"), ("train.device=tpu", "train.device"), ("model.channel_mult=[1,0]", "channel_mult"),
@@ -374,7 +374,7 @@ def test_presets_that_are_not_text_or_contradict_themselves(tmp_path):
     bad = tmp_path / "logsnr.yaml"
     bad.write_text("diffusion:\n  logsnr_min: 10\n  logsnr_max: -10\n")
     msg = one_line_error(invoke("schedule-plot", "--preset", bad, "--out", tmp_path / "s.png"), 2)
-    assert "diffusion.logsnr_min must be < logsnr_max" in msg
+    assert "diffusion.logsnr_min must be at least 1 below logsnr_max" in msg
     msg = one_line_error(invoke("schedule-plot", "--preset", "tiny", "--set", "model.channel_mult=[" + "1," * 5000 + "1]",
                                 "--out", tmp_path / "s.png"), 2)
     assert len(msg) < 200
@@ -1118,3 +1118,86 @@ def test_round_eight_inputs(good_run, tmp_path, monkeypatch):
     folder = _images(tmp_path / "imgs", n=3)
     with pytest.warns(UserWarning, match="could not be written"):
         assert invoke("fid", folder, folder, "--dims", 64, "--workers", 0).exit_code == 0
+
+
+# -- round nine ----------------------------------------------------------------------------------------------------
+
+def test_fid_of_a_run_reads_its_reference_before_sampling(good_run, tmp_path, monkeypatch):
+    """An empty reference fails at once: no sample is drawn or written before it is known (it used to sample all of
+    --n first)."""
+    import bdm_cli.generate as gen
+    from bdm_cli import fid
+
+    real_net = fid.inception(64, "random")
+    monkeypatch.setattr(fid, "inception", lambda *a, **k: real_net)
+    drawn = []
+    real = gen.sample_batches
+    monkeypatch.setattr(gen, "sample_batches", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    (tmp_path / "empty").mkdir()
+    msg = one_line_error(invoke("fid", "--run", good_run, "--ref", tmp_path / "empty", "--n", 4, "--steps", 2,
+                                "--dims", 64, "--out-dir", tmp_path / "png"))
+    assert "empty" in msg or "no image" in msg, msg
+    assert not drawn and not (tmp_path / "png").exists()
+    stats = []  # and the checkpoint's errors come before the reference's statistics
+    monkeypatch.setattr(fid, "stats_of", lambda *a, **k: stats.append(1))
+    for args in (("--run", good_run, "--checkpoint", good_run / "checkpoint.pt"), ("--run", tmp_path / "nosuchrun")):
+        one_line_error(invoke("fid", *args, "--ref", "digits", "--n", 4, "--dims", 64))
+    assert not stats
+
+
+def test_missing_inception_weights_offline_leave_no_hub_folder(tmp_path, monkeypatch):
+    """pytorch-fid's download, offline: one line that says what to do, no 'Downloading:' print, and the
+    $TORCH_HOME folders it would have made are removed again."""
+    import torch.hub
+
+    def offline(url, dst, *a, **k):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.delenv("BDM_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    r = invoke("fid", "digits", "digits", "--dims", 64)
+    msg = one_line_error(r, 1)
+    assert "--inception-weights" in msg and "Downloading" not in r.output
+    assert not (tmp_path / "th").exists()
+
+
+def test_round_nine_inputs(good_run, tmp_path, monkeypatch):
+    """float64 statistics in a checkpoint, a config.yaml section that is no mapping, an empty fid input, learning
+    rates and weight decays that make inf weights, a schedule with no span, narrow COLUMNS, ~ in fid inputs and
+    BDM_CACHE_DIR, and the cache key of weights found in $TORCH_HOME."""
+    run = _copy_run(good_run, tmp_path / "f64")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["data_stats"] = {k: v.double() for k, v in state["data_stats"].items()}
+    torch.save(state, run / "checkpoint.pt")
+    r = invoke("sample", "--run", run, "--n", 2, "--steps", 2, "--out", tmp_path / "g.png")
+    assert r.exit_code == 0, r.output
+    run = _copy_run(good_run, tmp_path / "cfg")
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("train:\n", "train: 5\nold_train:\n", 1))
+    assert "train: 5" in one_line_error(invoke("train", "--resume", run, "--steps", 3), 2)
+    assert "empty" in one_line_error(invoke("fid", "", "digits", "--dims", 64), 2)
+    for value in ("train.lr=2", "train.weight_decay=1e308", "diffusion.logsnr_max=1e-300 --set diffusion.logsnr_min=0"):
+        args = [a for v in value.split(" --set ") for a in ("--set", v)]
+        one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "r", "--steps", 1, *args), 2)
+    assert not (tmp_path / "r").exists()
+    folder = _images(tmp_path / "home" / "imgs", n=3)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BDM_CACHE_DIR", "~/cache")
+    monkeypatch.setenv("COLUMNS", "4")
+    from bdm_cli import fid
+
+    real = fid.inception(64, "random")
+    monkeypatch.setattr(fid, "inception", lambda *a, **k: real)
+    r = invoke("fid", "~/imgs", str(folder), "--dims", 64, "--workers", 0)
+    assert r.exit_code == 0, r.output
+    assert [line for line in r.output.splitlines() if line.startswith("FID: ")], r.output  # one line, not split
+    assert (tmp_path / "home" / "cache" / "fid").is_dir() and not Path("~").exists()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.delenv("BDM_INCEPTION_WEIGHTS", raising=False)
+    hub = tmp_path / "th" / "hub" / "checkpoints" / fid.FID_WEIGHTS_URL.rsplit("/", 1)[-1]
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(b"weights one")
+    first = fid.weights_id(None)
+    hub.write_bytes(b"weights two, other bytes")
+    assert fid.weights_id(None) != first  # other weights in $TORCH_HOME are other statistics

@@ -247,7 +247,8 @@ def _wait_for_steps(out: Path, proc, n=3, timeout=120):
     raise AssertionError("training did not start")
 
 
-@pytest.mark.parametrize("sig,code,group", [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, False), (signal.SIGINT, 130, True)])
+@pytest.mark.parametrize("sig,code,group", [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, False), (signal.SIGINT, 130, True),
+                                            (signal.SIGHUP, 129, False)])  # SIGHUP: a closed terminal or ssh session
 def test_signals_save_a_checkpoint_and_resume(tmp_path, sig, code, group):
     out = tmp_path / "run"
     # group: Ctrl-C in a terminal signals the whole process group, DataLoader workers included

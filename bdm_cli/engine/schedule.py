@@ -45,8 +45,11 @@ class BlurSchedule:
             raise ValueError(f"sigma_blur_max must be in [0, 1000], got {self.sigma_blur_max}")
         if not 0 < self.d_min <= 1:
             raise ValueError(f"d_min must be in (0, 1], got {self.d_min}")
-        if not -50 <= self.logsnr_min < self.logsnr_max <= 50:  # the paper clips to [-10, 10]; exp(25) stays finite
-            raise ValueError(f"logsnr_min must be < logsnr_max, both in [-50, 50], got {self.logsnr_min} and {self.logsnr_max}")
+        # the paper clips to [-10, 10]; exp(25) stays finite; a span under 1 is no diffusion (and 0 divides by 0 in
+        # t_from_logsnr)
+        if not (-50 <= self.logsnr_min and self.logsnr_min + 1 <= self.logsnr_max <= 50):
+            raise ValueError(f"logsnr_min must be at least 1 below logsnr_max, both in [-50, 50], got {self.logsnr_min} "
+                             f"and {self.logsnr_max}")
 
     # -- the base cosine schedule -------------------------------------------------
     @property
