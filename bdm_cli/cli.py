@@ -62,6 +62,20 @@ def user_errors():
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/]")
         raise typer.Exit(130) from None
+    except Exception as e:  # the machine's limits and toolchain, not a bug: one line that says what to do
+        text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _OUT_OF_MEMORY.search(str(e))):
+            _error(f"out of memory ({text}): lower --batch-size (or --n, --size), or use a machine with more memory")
+        elif type(e).__name__ in ("InductorError", "BackendCompilerFailed", "InvalidCxxCompiler"):  # torch.compile's
+            _error(f"torch.compile failed ({type(e).__name__}: {text}): run without --compile (train.compile=false), "
+                   "or install a working C++ compiler")
+        else:
+            raise
+        raise typer.Exit(1) from None
+
+
+# CPU allocator and CUDA messages (torch.OutOfMemoryError is a RuntimeError)
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory|DefaultCPUAllocator", re.IGNORECASE)
 
 
 def _error(message: str) -> None:
@@ -230,6 +244,7 @@ def schedule_plot_cmd(
         if csv_path and csv_path.suffix.lower() != ".csv":
             raise UsageError(f"--csv {csv_path} does not end in .csv")
         check_outputs(path, csv_path)
+        os.environ["MPLBACKEND"] = "Agg"  # bdm writes files, never windows: a user's MPLBACKEND (even a wrong one) is moot
         plot_schedule(schedules, resolution, resolution, path, fmt)
         out.print(f"Wrote {path}", highlight=False)
         if csv_path:
@@ -285,13 +300,16 @@ def train_cmd(
                 raise UsageError(f"--preset {preset} is the config.yaml that the run in {run_dir} would write: keep the "
                                  "preset outside the run directory")
             _check_new_run_dir(run_dir)
+        if not cfg.data.dataset.strip():  # Path("") is the current folder
+            raise UsageError("no dataset given (data.dataset is empty: an unset shell variable in --data?)")
         source = user_path(cfg.data.dataset)  # a resume with --data too
         if source.exists() and _nested(source, run_dir):
             raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
                              "training data, or overwrite its images; choose an --out outside the dataset")
         made = first_missing(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        main = os.environ.get("RANK", "0") in ("", "0")  # checked as a number by init_distributed
+        rank = os.environ.get("RANK", "").strip()
+        main = not rank.isdigit() or int(rank) == 0  # "00" is rank 0 too; a bad value is refused by init_distributed
         if main:
             out.print(f"Training [bold]{cfg.preset or 'custom'}[/] into {run_dir} ({cfg.data.dataset}, "
                       f"{cfg.data.resolution}px, sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.train.steps} steps)",
@@ -301,7 +319,7 @@ def train_cmd(
                 result = train(cfg, run_dir, resume=resume is not None, progress=progress)
         except RunLocked:  # the folder is the other training's now: never removed
             raise
-        except UserError:
+        except (UserError, KeyboardInterrupt):  # Ctrl-C during start-up too: no checkpoint yet, no folder left
             if made is not None:
                 _remove_unstarted_run(run_dir, made)
             raise

@@ -330,8 +330,11 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"{_seen[0]}: preset 'extends' chain longer than 16 files")
         data = _read_yaml(path)
         parent = data.pop("extends", None)
+        if isinstance(data.get("preset"), str):  # a run's config.yaml names its preset: informational, so it can
+            data.pop("preset")                   # serve as a preset itself (to train the same model again)
+        if parent is not None and (not isinstance(parent, str) or not parent):  # extends: 0 / false / "" meant something
+            raise ConfigError(f"{path.name}: 'extends' must name a preset or a .yaml file, got {parent!r}")
         if parent:
-            parent = str(parent)
             beside = path.parent / parent
             if Path(parent).suffix in (".yaml", ".yml") and not Path(parent).is_absolute() and beside.is_file():
                 parent = str(beside)  # a file named by a preset is found beside that preset, not in the current folder

@@ -314,6 +314,14 @@ class ImageSource(torch.utils.data.Dataset):
         return h.hexdigest()
 
 
+def _same_content(ds: ImageSource, key: str) -> bool:
+    """The images still hash to ``key`` (a file removed meanwhile: they do not)."""
+    try:
+        return ds.content_key() == key
+    except OSError:
+        return False
+
+
 def _file_key(path: Path, limit: int = 256 << 20) -> bytes:
     """A file's part of the cache key: its bytes' hash, streamed (memory stays flat); an image over 256 MB, which is
     no image of a FID set, by its size and time instead of hours of reading."""
@@ -419,7 +427,8 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
         return read_stats(path, dims)
     elif path.exists():
         ds = ImageSource(path)
-        key = hashlib.sha256(f"{ds.content_key()}:{dims}:{weights_id}".encode()).hexdigest() if use_cache else ""
+        key_of_content = ds.content_key() if use_cache else ""
+        key = hashlib.sha256(f"{key_of_content}:{dims}:{weights_id}".encode()).hexdigest() if use_cache else ""
         batches = lambda: _loader(ds, batch_size, workers)  # noqa: E731
         count = len(ds)
     else:
@@ -440,6 +449,9 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
     mu, sigma = (st := features(model, batches(), dims, device, progress)).result()
     if st.n < 2:
         raise UserError(f"{shown(source)}: {st.n} of its {count} images could be read; FID needs at least 2")
+    if use_cache and source not in NAMED_REFS and not _same_content(ds, key_of_content):
+        use_cache = False  # the files changed while they were read: this result belongs to neither version
+        warnings.warn(f"{shown(source)} changed while it was read: its statistics are not cached", stacklevel=1)
     if use_cache:
         try:  # the cache only saves time: a cache folder that cannot be written must not cost the result
             cached.parent.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,13 @@ def plot_schedule(schedules: list[BlurSchedule], height: int, width: int, path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # matplotlib's own defaults: a matplotlibrc in the working folder (text.usetex without LaTeX, say) must neither
+    # break nor restyle the plot; the caller's settings come back afterwards
+    with plt.style.context("default"):
+        return _plot_schedule(plt, schedules, height, width, path, fmt)
+
+
+def _plot_schedule(plt, schedules: list[BlurSchedule], height: int, width: int, path: Path, fmt: str) -> Path:
     ncols = max(2, len(schedules))
     fig = plt.figure(figsize=(5 * ncols, 8.5), layout="constrained")
     grid = fig.add_gridspec(2, ncols)

@@ -390,17 +390,17 @@ def _trim_metrics(path: Path, step: int) -> None:
     and its next log line): the resumed run logs those steps again, so each step appears once."""
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    lines = path.read_bytes().splitlines(keepends=True)  # bytes: the lines kept are kept exactly as written
 
-    def logged_at(line: str) -> float:
+    def logged_at(line: bytes) -> float:
         try:
             return float(json.loads(line).get("step", 0))
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError):  # UnicodeDecodeError is a ValueError
             return 0.0  # not a metrics line of ours: kept
 
     keep = [line for line in lines if logged_at(line) <= step]
     if len(keep) < len(lines):
-        with atomic_write(path, "w") as f:
+        with atomic_write(path, "wb") as f:
             f.writelines(keep)
 
 

@@ -626,7 +626,7 @@ def test_save_stats_of_a_npz_without_a_count(tmp_path, monkeypatch):
     np.savez(src, mu=np.zeros(64), sigma=np.eye(64))  # pytorch-fid's own files have no n
     monkeypatch.setattr(fid, "inception", lambda *a, **k: None)  # no Inception needed for a .npz
     r = invoke("fid", src, "--save-stats", tmp_path / "re.npz", "--dims", 64)
-    assert r.exit_code == 0 and "no image count" in r.output and "-1" not in r.output, r.output
+    assert r.exit_code == 0 and "no image count" in r.output and "-1 images" not in r.output, r.output  # not the path's
     assert "n" not in np.load(tmp_path / "re.npz").files
 
 
@@ -1177,6 +1177,7 @@ def test_round_nine_inputs(good_run, tmp_path, monkeypatch):
     (run / "config.yaml").write_text(text.replace("train:\n", "train: 5\nold_train:\n", 1))
     assert "train: 5" in one_line_error(invoke("train", "--resume", run, "--steps", 3), 2)
     assert "empty" in one_line_error(invoke("fid", "", "digits", "--dims", 64), 2)
+    assert "no dataset" in one_line_error(invoke("train", "--preset", "tiny", "--data", "", "--out", tmp_path / "nd"), 2)
     for value in ("train.lr=2", "train.weight_decay=1e308", "diffusion.logsnr_max=1e-300 --set diffusion.logsnr_min=0"):
         args = [a for v in value.split(" --set ") for a in ("--set", v)]
         one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "r", "--steps", 1, *args), 2)
@@ -1201,3 +1202,70 @@ def test_round_nine_inputs(good_run, tmp_path, monkeypatch):
     first = fid.weights_id(None)
     hub.write_bytes(b"weights two, other bytes")
     assert fid.weights_id(None) != first  # other weights in $TORCH_HOME are other statistics
+
+
+def test_round_nine_environment_and_presets(good_run, tmp_path, monkeypatch):
+    """Out of memory and a broken compiler toolchain are one line each; a wrong MPLBACKEND or a matplotlibrc in the
+    working folder does not break schedule-plot; 'extends' that names nothing is refused, a run's config.yaml is a
+    preset."""
+    import bdm_cli.generate as gen
+
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 107374182400 bytes.")
+
+    monkeypatch.setattr(gen, "sample_batches", oom)
+    assert "out of memory" in one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--out", tmp_path / "g.png"), 1)
+
+    class InductorError(Exception):  # torch._inductor.exc's, as raised without a C++ compiler
+        pass
+
+    def no_compiler(*a, **k):
+        raise InductorError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(gen, "sample_batches", no_compiler)
+    assert "--compile" in one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--out", tmp_path / "g.png"), 1)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPLBACKEND", "nosuch")
+    (tmp_path / "matplotlibrc").write_text("text.usetex : True\n")
+    r = invoke("schedule-plot", "--preset", "tiny", "--out", tmp_path / "s.png")
+    assert r.exit_code == 0 and (tmp_path / "s.png").is_file(), r.output
+    for value in ("0", "false", '""'):
+        (tmp_path / "p.yaml").write_text(f"extends: {value}\ntrain:\n  lr: 0.001\n")
+        assert "extends" in one_line_error(invoke("schedule-plot", "--preset", tmp_path / "p.yaml", "--out", tmp_path / "t.png"), 2)
+    r = invoke("schedule-plot", "--preset", good_run / "config.yaml", "--out", tmp_path / "t.png")  # a run's config
+    assert r.exit_code == 0, r.output
+
+
+def test_round_nine_files_changing_and_bytes_kept(good_run, tmp_path, monkeypatch):
+    """Statistics of files that changed while they were read are not cached; a resume keeps the metrics lines it
+    keeps byte for byte."""
+    from bdm_cli import fid
+
+    folder = _images(tmp_path / "imgs", n=4)
+    monkeypatch.setenv("BDM_CACHE_DIR", str(tmp_path / "cache"))
+    real = fid.features
+
+    def changing(*a, **k):
+        st = real(*a, **k)
+        (folder / sorted(p.name for p in folder.iterdir())[0]).write_bytes(b"changed meanwhile")
+        return st
+
+    monkeypatch.setattr(fid, "features", changing)
+    with pytest.warns(UserWarning, match="changed while it was read"):
+        fid.stats_of(str(folder), fid.inception(64, "random"), dims=64, device="cpu", workers=0, weights_id="random")
+    assert not list((tmp_path / "cache").rglob("*.npz"))
+    run = _copy_run(good_run, tmp_path / "run")
+    kept = '{"note": "caf\xe9"}\n'.encode("latin-1")
+    (run / "metrics.jsonl").write_bytes((run / "metrics.jsonl").read_bytes() + kept + b'{"step": 99}\n')
+    assert invoke("train", "--resume", run, "--steps", 3).exit_code == 0
+    assert kept in (run / "metrics.jsonl").read_bytes() and b'{"step": 99}' not in (run / "metrics.jsonl").read_bytes()
+    import bdm_cli.train as tr
+
+    def interrupted(*a, **k):  # Ctrl-C while the data statistics are computed, before the first checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "data_stats", interrupted)
+    assert invoke("train", "--preset", "tiny", "--out", tmp_path / "ctrl" / "c", "--steps", 2).exit_code == 130
+    assert not (tmp_path / "ctrl").exists()
