@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -59,9 +60,9 @@ def user_errors():
     except OSError as e:  # the environment, not a bug: disk full, permissions, a vanished file
         _error(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         console.print("[yellow]Interrupted.[/]")
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT)) from None
     except Exception as e:  # the machine's limits and toolchain, not a bug: one line that says what to do
         text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _OUT_OF_MEMORY.search(str(e))):
@@ -315,7 +316,8 @@ def train_cmd(
                       f"{cfg.data.resolution}px, sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.train.steps} steps)",
                       highlight=False)
         try:
-            with _train_progress(cfg.train.steps, enabled=main) as progress:
+            # SIGTERM and SIGHUP before the loop takes them over (reading the data, compiling): stop like Ctrl-C
+            with _stopped_by_signals(), _train_progress(cfg.train.steps, enabled=main) as progress:
                 result = train(cfg, run_dir, resume=resume is not None, progress=progress)
         except RunLocked:  # the folder is the other training's now: never removed
             raise
@@ -408,6 +410,34 @@ def _check_config_file(run_dir: Path, saved) -> None:
                 raise UsageError(f"{path} was changed since the run wrote it ({section}.{key}: {mine[section][key]!r} there, "
                                  f"{value!r} in the checkpoint); --resume continues the checkpoint's config: restore the "
                                  f"file, then {how}")
+
+
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C would be: the command stops with 128 + its number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """SIGTERM and SIGHUP raise :class:`_Signalled` (in the main thread; the training loop installs its own handlers,
+    which save a checkpoint, and restores these)."""
+    names = [s for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise _Signalled(signum)
+
+    old = {name: signal.signal(getattr(signal, name), stop) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in old.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def _remove_unstarted_run(run_dir: Path, made: Path) -> None:

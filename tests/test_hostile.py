@@ -5,6 +5,7 @@ changed."""
 
 import os
 import random
+import signal
 import struct
 import zipfile
 import zlib
@@ -1269,3 +1270,10 @@ def test_round_nine_files_changing_and_bytes_kept(good_run, tmp_path, monkeypatc
     monkeypatch.setattr(tr, "data_stats", interrupted)
     assert invoke("train", "--preset", "tiny", "--out", tmp_path / "ctrl" / "c", "--steps", 2).exit_code == 130
     assert not (tmp_path / "ctrl").exists()
+
+    def terminated(*a, **k):  # SIGTERM at the same point (the default handler killed the process, leaving the folder)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tr, "data_stats", terminated)
+    assert invoke("train", "--preset", "tiny", "--out", tmp_path / "term" / "c", "--steps", 2).exit_code == 143
+    assert not (tmp_path / "term").exists()
