@@ -424,7 +424,8 @@ class _Signalled(KeyboardInterrupt):
 def _stopped_by_signals():
     """SIGTERM and SIGHUP raise :class:`_Signalled` (in the main thread; the training loop installs its own handlers,
     which save a checkpoint, and restores these)."""
-    names = [s for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]
+    from .train import STOP_SIGNALS
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -432,12 +433,12 @@ def _stopped_by_signals():
     def stop(signum, _frame):
         raise _Signalled(signum)
 
-    old = {name: signal.signal(getattr(signal, name), stop) for name in names}
+    old = {s: signal.signal(s, stop) for s in STOP_SIGNALS if s != signal.SIGINT}  # Ctrl-C is KeyboardInterrupt already
     try:
         yield
     finally:
-        for name, handler in old.items():
-            signal.signal(getattr(signal, name), handler)
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _remove_unstarted_run(run_dir: Path, made: Path) -> None:

@@ -149,6 +149,11 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local, True)
 
 
+# What stops a training with a checkpoint; SIGHUP: a closed terminal or a dropped ssh session, which would otherwise
+# kill the run without one
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+
+
 class _Stop:
     """Ctrl-C (SIGINT), SIGTERM (a scheduler's kill) and SIGHUP (a closed terminal) set a flag that the loop checks between steps, so a stop ends
     with a consistent checkpoint: a KeyboardInterrupt raised at an arbitrary point could fire inside a lock (rich's
@@ -159,9 +164,7 @@ class _Stop:
         self.requested: str | None = None  # the signal's name
 
     def __enter__(self):
-        # SIGHUP: a closed terminal or a dropped ssh session, which would otherwise kill the run without a checkpoint
-        signals = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
-        self._old = {s: signal.signal(s, self._handle) for s in signals} if _main_thread() else {}
+        self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS} if _main_thread() else {}
         return self
 
     def _handle(self, signum, _frame):
