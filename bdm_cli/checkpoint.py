@@ -40,6 +40,8 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
     """Load a checkpoint safely (no code runs) and check it is one of ours."""
     path = Path(path)
     if path.is_dir() and path.name != CHECKPOINT:
+        if not (path / CHECKPOINT).exists():
+            raise CheckpointError(f"{path} holds no {CHECKPOINT}: not a bdm run folder, or one that saved no checkpoint yet")
         path = path / CHECKPOINT
     if path.exists() and not path.is_file():
         raise CheckpointError(f"{path} is not a checkpoint file (a directory, pipe or device)")

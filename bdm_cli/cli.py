@@ -271,22 +271,25 @@ def train_cmd(
 
     from .checkpoint import CHECKPOINT, checkpoint_config, load_checkpoint
     from .config import apply_overrides, load_config
+    from .runtime import resolve_device
     from .train import RunLocked, train
 
-    overrides = list(sets or [])
-    for key, value in (("data.dataset", data), ("train.steps", steps), ("train.batch_size", batch_size),
-                       ("train.device", device), ("train.seed", seed)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    with user_errors():
+    options = {"data.dataset": ("--data", data), "train.steps": ("--steps", steps),
+               "train.batch_size": ("--batch-size", batch_size), "train.device": ("--device", device),
+               "train.seed": ("--seed", seed)}
+    overrides = list(sets or []) + [f"{key}={value}" for key, (_, value) in options.items() if value is not None]
+    with user_errors(), _naming_options({key: opt for key, (opt, value) in options.items() if value is not None}):
         if resume:
             if preset is not None or (out_dir is not None and out_dir.resolve() != resume.resolve()):
                 raise UsageError("--resume continues a run with its own config in its own directory; --preset and --out "
                                  "do not apply (change a setting with --set section.key=value)")
             if resume.is_file():
                 raise UsageError(f"--resume takes the run's folder ({resume.parent}), not its checkpoint file")
+            if not resume.is_dir():
+                raise UsageError(f"--resume {resume}: " + ("no such run folder" if not resume.exists() else
+                                                           "not a folder (a pipe or device)"))
             run_dir = resume
-            state = load_checkpoint(run_dir / CHECKPOINT)
+            state = load_checkpoint(run_dir)
             saved = checkpoint_config(state)
             _check_config_file(run_dir, saved)
             cfg = apply_overrides(saved, overrides).validate()
@@ -301,9 +304,16 @@ def train_cmd(
                 raise UsageError(f"--preset {preset} is the config.yaml that the run in {run_dir} would write: keep the "
                                  "preset outside the run directory")
             _check_new_run_dir(run_dir)
+        try:  # before any folder is made; on --resume the device is the run's own unless --device changes it
+            resolve_device(cfg.train.device, what="train.device")
+        except UserError as e:
+            raise (UserError(f"{e}; this run was trained there: resume it here with --device cpu (or auto)")
+                   if resume and device is None else e) from None
         if not cfg.data.dataset.strip():  # Path("") is the current folder
             raise UsageError("no dataset given (data.dataset is empty: an unset shell variable in --data?)")
         source = user_path(cfg.data.dataset)  # a resume with --data too
+        if source.exists() and not (source.is_dir() or source.is_file()):
+            raise UsageError(f"{source} is neither a folder nor a regular file (a pipe or device?)")
         if source.exists() and _nested(source, run_dir):
             raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
                              "training data, or overwrite its images; choose an --out outside the dataset")
@@ -418,6 +428,19 @@ class _Signalled(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+@contextlib.contextmanager
+def _naming_options(given: dict[str, str]):
+    """Errors about a config key that an option set name the option (``--batch-size``, not ``train.batch_size``)."""
+    try:
+        yield
+    except UserError as e:
+        msg = str(e)
+        for key, option in given.items():
+            msg = re.sub(rf"(?<![\w.-]){re.escape(key)}(?![\w])", option, msg)
+        e.args = (msg,)
+        raise
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import reprlib
 import typing
@@ -114,7 +115,8 @@ class Config:
             (self.data.resolution % 2 ** (len(self.model.channel_mult) - 1) == 0,
              f"data.resolution {self.data.resolution} must be divisible by 2^(len(model.channel_mult)-1) = "
              f"{2 ** (len(self.model.channel_mult) - 1)}"),
-            (self.train.steps >= 0 and self.train.batch_size > 0, "train.steps must be >= 0 and train.batch_size > 0"),
+            (self.train.steps >= 0, f"train.steps must be >= 0, got {self.train.steps}"),
+            (self.train.batch_size > 0, f"train.batch_size must be > 0, got {self.train.batch_size}"),
             # Adam moves each weight by about lr a step and AdamW shrinks it by lr x weight_decay: beyond 1 the weights
             # leave every finite range within a step (the run "succeeded" with inf weights)
             (0 < self.train.lr <= 1, f"train.lr must be in (0, 1], got {self.train.lr:g}"),
@@ -171,9 +173,16 @@ def list_presets() -> dict[str, str]:
 
 
 def preset_path(name: str) -> Path:
+    """A built-in preset's name, or a user's own preset file: a name ending in .yaml/.yml or holding a folder part."""
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path  # a user's own preset file
+    if path.suffix in (".yaml", ".yml") or os.sep in name or (os.altsep and os.altsep in name):
+        if path.is_file():
+            if path.suffix not in (".yaml", ".yml"):
+                raise ConfigError(f"preset file {name} must end in .yaml or .yml")
+            return path
+        if path.exists():
+            raise ConfigError(f"preset {name} is not a regular file (a folder, pipe or device)")
+        raise ConfigError(f"preset file not found: {name}")
     names = list_presets()
     if name not in names:
         hint = difflib.get_close_matches(name, names, n=1)
@@ -197,6 +206,13 @@ class _PresetLoader(yaml.SafeLoader):
         """A key given twice is an error: YAML's last-one-wins would silently drop a whole section."""
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise yaml.constructor.ConstructorError(None, None, "merge keys (<<) are not supported in presets: write "
+                                                        "the keys out, or start from another preset with extends:",
+                                                        key_node.start_mark)
+            if not isinstance(key_node, yaml.ScalarNode):  # [a, b] or {a: 1} as a key: unhashable, and no config name
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a plain name, not a list or mapping",
+                                                        key_node.start_mark)
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, str) and key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice in one mapping",

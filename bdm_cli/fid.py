@@ -184,7 +184,8 @@ def _weights_path(path: str | Path | None) -> Path | None:
         return None
     path = user_path(path)  # $BDM_INCEPTION_WEIGHTS may start with ~ (a Path option comes back as it is)
     if not path.is_file():
-        raise UserError(f"Inception weights not found: {path}")
+        raise UserError(f"Inception weights {path} is not a regular file (a folder, pipe or device)" if path.exists()
+                        else f"Inception weights not found: {path}")
     return path
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -13,7 +12,7 @@ from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, checkpoin
 from .config import Config
 from .engine import Step, sample
 from .errors import UsageError, UserError
-from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device
+from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device, seed_of
 from .unet import build_model
 
 __all__ = ["Run", "load_run", "sample_batches", "sample_generators"]
@@ -46,6 +45,10 @@ def find_checkpoint(run: Path | None, checkpoint: Path | None) -> Path:
     if checkpoint is not None:
         return checkpoint
     if run is not None:
+        if not run.exists():
+            raise UserError(f"run folder not found: {run}")
+        if run.is_dir() and not (run / CHECKPOINT).exists():
+            raise CheckpointError(f"{run} holds no {CHECKPOINT}: not a bdm run folder, or one that saved no checkpoint yet")
         return run / CHECKPOINT if run.is_dir() else run
     found = sorted(Path("runs").glob(f"*/{CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
     if not found:
@@ -73,12 +76,7 @@ def sample_generators(seed: int, indices: range, device: torch.device) -> list[t
     """One generator per sample, seeded by a hash of (seed, index): sample i is the same in any batch (EDM), and no two
     (seed, index) pairs share a generator (an affine mix such as ``seed * 1_000_003 + i`` made seed 1's samples
     seed 0's shifted by 1,000,003, and some seeds another's shifted by one)."""
-    return [torch.Generator(device).manual_seed(_mix(seed, i)) for i in indices]
-
-
-def _mix(seed: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # 63 bits: torch's seeds
+    return [torch.Generator(device).manual_seed(seed_of(seed, i)) for i in indices]
 
 
 def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, steps: int | None = None,

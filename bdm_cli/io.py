@@ -84,10 +84,10 @@ def atomic_write(path: Path | str, mode: str = "wb", *, exclusive: bool = False)
             yield f
             f.flush()
             os.fsync(f.fileno())
-        if exclusive:
-            _link_new(tmp, path)
-        else:
-            os.replace(tmp, path)
+        try:
+            _link_new(tmp, path) if exclusive else os.replace(tmp, path)
+        except PermissionError as e:  # an immutable or append-only file or folder (even root may not rename there)
+            raise OutputError(f"cannot write {path}: {e.strerror} (is it or its folder immutable or append-only?)") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from pathlib import Path
 
 import torch
@@ -81,13 +82,19 @@ def write_schedule_csv(schedules: list[BlurSchedule], height: int, width: int, p
 
 def plot_schedule(schedules: list[BlurSchedule], height: int, width: int, path: Path, fmt: str = "png") -> Path:
     """Schedules over t, alpha_t of three frequencies, and per-frequency log-SNR heatmaps, one per schedule."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     # matplotlib's own defaults: a matplotlibrc in the working folder (text.usetex without LaTeX, say) must neither
-    # break nor restyle the plot; the caller's settings come back afterwards
+    # break nor restyle the plot, nor print its bad lines as it is read (the plot ignores it); the caller's settings
+    # and logging come back afterwards
+    log = logging.getLogger("matplotlib")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    finally:
+        log.setLevel(level)
     with plt.style.context("default"):
         return _plot_schedule(plt, schedules, height, width, path, fmt)
 

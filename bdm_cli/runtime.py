@@ -6,6 +6,8 @@ paths cannot drift apart (a checkpoint trained on one device samples the same wa
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from .config import Config
@@ -13,25 +15,34 @@ from .engine import precondition
 from .errors import UsageError, UserError
 
 __all__ = ["resolve_device", "bf16_native", "bf16_network", "compile_enabled", "compiled", "denoiser", "denoised_range",
-           "load_weights"]
+           "load_weights", "seed_of"]
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` (CUDA where there is one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against this machine."""
+def seed_of(*parts) -> int:
+    """A 63-bit torch seed from a hash of ``parts`` (the user's seed and what the stream is for: a sample's index, a
+    rank, an epoch). Distinct parts never share a stream, which an affine mix such as ``seed * 1000 + rank`` cannot
+    promise (seed 1's rank 0 was seed 0's rank 1000) and which overflows for large seeds."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def resolve_device(name: str, local_rank: int = 0, *, what: str = "--device") -> torch.device:
+    """``auto`` (CUDA where there is one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against this machine;
+    ``what`` names where the value came from in the errors (the option, or ``train.device`` of a config)."""
     name = str(name).strip().lower()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name} was asked for but CUDA is not available on this machine (use cpu or auto)")
+            raise UserError(f"{what} {name} was asked for but CUDA is not available on this machine (use cpu or auto)")
         index = name.partition(":")[2]
         if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+            raise UserError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
                             f"cuda:{torch.cuda.device_count() - 1}")
         return torch.device(name if index else f"cuda:{local_rank}")
     if name == "mps":
         if not torch.backends.mps.is_available():
-            raise UserError("--device mps was asked for but Apple's MPS is not available on this machine (use cpu or auto)")
+            raise UserError(f"{what} mps was asked for but Apple's MPS is not available on this machine (use cpu or auto)")
         return torch.device("mps")
     if name != "cpu":
         raise UsageError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)")

@@ -12,7 +12,10 @@ import json
 import math
 import os
 import signal
+import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -26,7 +29,7 @@ from .data import collate_valid, make_dataset
 from .engine import dct2, eps_loss, sample
 from .errors import UserError
 from .io import atomic_write, make_grid, remove_stale_temps, save_image
-from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device
+from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device, seed_of
 from .unet import build_model
 
 __all__ = ["lr_at", "ema_update", "nonfinite", "make_optimizer", "train_step", "train", "preview_grid", "StepBatches", "Dist", "data_stats"]
@@ -92,7 +95,7 @@ def train_step(eps_model, model: torch.nn.Module, ema: torch.nn.Module, opt: tor
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Index batches as a pure function of (seed, step): epoch ``e`` is ``randperm(n, seed + e)`` cut into
+    """Index batches as a pure function of (seed, step): epoch ``e`` is ``randperm(n)`` drawn from a hash of (seed, e), cut into
     global batches; each of ``world`` ranks takes its slice. Starting at any step reproduces the
     stream exactly, which is what makes resume bit-exact (and plays DistributedSampler's part)."""
 
@@ -110,7 +113,7 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, self.steps):
             e, k = divmod(step, self.per_epoch)
             if e != epoch:
-                perm, epoch = torch.randperm(self.n, generator=torch.Generator().manual_seed((self.seed * 100_003 + e) % 2**63)), e
+                perm, epoch = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed_of("epoch", self.seed, e))), e
             yield perm[k * self.batch : (k + 1) * self.batch][self.rank :: self.world].tolist()
 
 
@@ -145,8 +148,37 @@ def init_distributed(device_name: str) -> Dist:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        _join_process_group("nccl" if cuda else "gloo", int(values["RANK"]), int(values["WORLD_SIZE"]))
     return Dist(dist.get_rank(), dist.get_world_size(), local, True)
+
+
+def _join_process_group(backend: str, rank: int, world: int) -> None:
+    """``init_process_group`` waits (30 minutes) for every process in C++, where Ctrl-C and SIGTERM cannot reach
+    it: it runs in a thread while this one waits, says what it waits for, and stops on a signal."""
+    failed = []
+
+    def join():
+        try:
+            dist.init_process_group(backend)
+        except Exception as e:  # noqa: BLE001  re-raised below, in the caller's thread
+            failed.append(e)
+
+    joining = threading.Thread(target=join, name="bdm-rendezvous", daemon=True)  # a daemon: exit does not wait
+    joining.start()
+    start = time.monotonic()
+    told = False
+    while joining.is_alive():
+        joining.join(0.2)
+        if not told and time.monotonic() - start > 10:
+            told = True
+            print(f"Waiting for all {world} processes (this is rank {rank}) at {os.environ.get('MASTER_ADDR')}:"
+                  f"{os.environ.get('MASTER_PORT')}: start the others, or stop with Ctrl-C", file=sys.stderr, flush=True)
+    if failed:
+        e = failed[0]
+        if "timed out" in str(e).lower() or "timeout" in type(e).__name__.lower():
+            raise UserError(f"not all {world} processes joined at {os.environ.get('MASTER_ADDR')}:"
+                            f"{os.environ.get('MASTER_PORT')} in time: start them all, with torchrun") from None
+        raise e
 
 
 # What stops a training with a checkpoint; SIGHUP: a closed terminal or a dropped ssh session, which would otherwise
@@ -240,10 +272,14 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
         raise UserError(f"train.batch_size {tc.batch_size} must be divisible by the {ddp.world} processes")
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = build_model(cfg).to(device)
+    if ddp.rank == 0 and (unused := sorted(set(cfg.model.attn_resolutions) - set(model.resolutions))):
+        # a warning, not an error: a preset's attention at 16 px stays valid under --set data.resolution=28
+        warnings.warn(f"model.attn_resolutions {', '.join(map(str, unused))}: no level of this UNet has that size "
+                      f"({', '.join(map(str, model.resolutions))} px), so it adds no attention there", stacklevel=1)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model, tc)
-    torch.manual_seed(tc.seed + ddp.rank)  # dropout differs per rank
-    gen = torch.Generator(device).manual_seed((tc.seed * 1000 + ddp.rank) % 2**63)  # t, noise and flips
+    torch.manual_seed(seed_of("dropout", tc.seed, ddp.rank))  # dropout differs per rank
+    gen = torch.Generator(device).manual_seed(seed_of("train", tc.seed, ddp.rank))  # t, noise and flips
     step = 0
     if resume:
         state = load_checkpoint(run_dir / CHECKPOINT)

@@ -107,6 +107,7 @@ class UNet(nn.Module):
             raise ValueError(f"model.num_heads={cfg.num_heads} must divide every level's width")
         temb = 4 * ch
         self.ch, self.levels = ch, len(mult)
+        self.resolutions = tuple(resolution >> level for level in range(len(mult)))  # each level's feature map size
         self.temb = nn.Sequential(nn.Linear(ch, temb), nn.SiLU(), nn.Linear(temb, temb))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 

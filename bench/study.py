@@ -82,8 +82,9 @@ def train_bdm(name: str, sigma: float, blur: str, args, work: Path) -> Path:
         if keep.exists():
             continue
         ckpt = run / "checkpoint.pt"
-        where = ["--resume", str(run)] if ckpt.exists() else ["--out", str(run)]
-        cmd = [sys.executable, "-m", "bdm_cli", "train", "--preset", "digits", "--device", "cpu", *where,
+        # a resumed run keeps its own config (bdm refuses --preset with --resume)
+        where = ["--resume", str(run)] if ckpt.exists() else ["--preset", "digits", "--out", str(run)]
+        cmd = [sys.executable, "-m", "bdm_cli", "train", "--device", "cpu", *where,
                "--steps", str(step), *bdm_overrides(args, sigma, blur)]
         print(f"[{name}] train to step {step}", flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)

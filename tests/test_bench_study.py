@@ -59,3 +59,15 @@ def test_section_is_replaced_in_place_and_kept_by_run(tmp_path):
     study.write_section(study.MARKERS[0] + "\nsecond\n" + study.MARKERS[1], page)
     text = page.read_text()
     assert "## 1. speed" in text and "second" in text and "first" not in text and text.count(study.MARKERS[0]) == 1
+
+
+def test_training_in_milestones_resumes_with_the_runs_own_config(tmp_path):
+    """The study trains each row milestone by milestone with `bdm train --resume`; bdm refuses --preset with --resume
+    (round seven), which broke the study's second milestone until it was rerun."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    study.add_arguments(p)
+    args = p.parse_args(["--smoke", "--steps", "2", "--checkpoints", "2", "--batch-size", "8", "--warmup", "1"])
+    run = study.train_bdm("bdm, blur 1 (sin2)", 1.0, "sin2", args, tmp_path)
+    assert (run / "step_000001.pt").is_file() and (run / "step_000002.pt").is_file()

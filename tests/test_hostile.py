@@ -1077,6 +1077,21 @@ def test_sample_seeds_never_share_a_generator():
     assert len(set(values)) == len(values) and first(3, range(5, 8)) == first(3, range(8))[5:]
 
 
+def test_training_streams_never_share_a_generator():
+    """Training drew its epochs from seed * 100_003 + epoch and its noise from seed * 1000 + rank: seed 1's first
+    epoch was seed 0's 100,003rd, seed 1's rank 0 seed 0's rank 1000. Now hashes of (purpose, seed, epoch or rank)."""
+    from bdm_cli.runtime import seed_of
+    from bdm_cli.train import StepBatches
+
+    def epoch(seed, e):
+        stream = StepBatches(50, 50, seed, e, e + 1)
+        return next(iter(stream))
+
+    assert epoch(1, 0) != epoch(0, 100_003) and epoch(2**63 - 1, 5) != epoch(0, 5)
+    seeds = {seed_of(p, s, r) for p in ("train", "dropout", "epoch") for s in range(30) for r in range(30)}
+    assert len(seeds) == 3 * 30 * 30 and all(0 <= s < 2**63 for s in seeds)
+
+
 def test_round_eight_inputs(good_run, tmp_path, monkeypatch):
     """Weights files that are no state dict, a zip whose member data changed under the same CRC (a stale cache),
     outputs inside --out-dir's subfolders, folders left by failed commands, unbounded counts."""
@@ -1277,3 +1292,105 @@ def test_round_nine_files_changing_and_bytes_kept(good_run, tmp_path, monkeypatc
     monkeypatch.setattr(tr, "data_stats", terminated)
     assert invoke("train", "--preset", "tiny", "--out", tmp_path / "term" / "c", "--steps", 2).exit_code == 143
     assert not (tmp_path / "term").exists()
+
+
+# -- round ten: round nine's leftovers ------------------------------------------------------------------------------
+
+def test_round_ten_files_that_are_no_files_and_yaml_that_is_no_config(tmp_path):
+    """A folder or pipe as --preset or --inception-weights said "unknown preset"/"not found"; a run folder without a
+    checkpoint named a checkpoint path; YAML merge keys and list keys (a TypeError traceback) in a preset."""
+    folder, fifo = tmp_path / "d", tmp_path / "fifo"
+    folder.mkdir()
+    os.mkfifo(fifo)
+    for path in (folder, fifo):
+        assert "not a regular file" in one_line_error(invoke("train", "--preset", path, "--out", tmp_path / "r"), 2)
+        msg = one_line_error(invoke("fid", "digits", "digits", "--dims", 64, "--inception-weights", path), 1)
+        assert "not a regular file" in msg
+    assert "preset file not found" in one_line_error(invoke("train", "--preset", tmp_path / "x.yaml"), 2)
+    assert "neither a folder nor a regular file" in one_line_error(
+        invoke("train", "--preset", "tiny", "--data", fifo, "--out", tmp_path / "r"), 2)
+    assert "no such run folder" in one_line_error(invoke("train", "--resume", tmp_path / "nope"), 2)
+    assert "not a folder" in one_line_error(invoke("train", "--resume", fifo), 2)
+    for args in (("train", "--resume", folder), ("sample", "--run", folder, "--out", tmp_path / "g.png")):
+        assert "holds no checkpoint.pt" in one_line_error(invoke(*args), 1)
+    assert "run folder not found" in one_line_error(invoke("sample", "--run", tmp_path / "nope", "--out", tmp_path / "g.png"), 1)
+    for text, words in (("train:\n  <<: {steps: 5}\n", "merge keys (<<) are not supported"),
+                        ("train:\n  ? [a, b]\n  : 1\n", "a key must be a plain name")):
+        (tmp_path / "p.yaml").write_text(text)
+        assert words in one_line_error(invoke("train", "--preset", tmp_path / "p.yaml", "--out", tmp_path / "r"), 2)
+    assert not (tmp_path / "r").exists()
+
+
+def test_round_ten_messages_name_what_the_user_typed(good_run, tmp_path, monkeypatch):
+    """`train --batch-size 0` named train.batch_size; resuming a CUDA run on a machine without CUDA blamed a
+    --device cuda nobody typed; an output that may not be replaced (chattr +i, append-only) named bdm's temp file."""
+    assert one_line_error(invoke("train", "--preset", "tiny", "--batch-size", 0, "--out", tmp_path / "r"), 2) \
+        == "Error: --batch-size must be > 0, got 0"
+    assert one_line_error(invoke("train", "--preset", "tiny", "--set", "train.batch_size=0", "--out", tmp_path / "r"), 2) \
+        == "Error: train.batch_size must be > 0, got 0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = _copy_run(good_run, tmp_path / "cuda")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    before = state["config"]["train"]["device"]
+    state["config"]["train"]["device"] = "cuda"
+    torch.save(state, run / "checkpoint.pt")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(f"device: {before}", "device: cuda", 1))
+    msg = one_line_error(invoke("train", "--resume", run, "--steps", 3), 1)
+    assert "train.device cuda" in msg and "resume it here with --device cpu" in msg
+    assert "--device cuda" in one_line_error(invoke("train", "--preset", "tiny", "--device", "cuda", "--out", tmp_path / "r"), 1)
+    assert not (tmp_path / "r").exists()
+
+    def refused(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    out = tmp_path / "locked.png"
+    monkeypatch.setattr(os, "replace", refused)
+    msg = one_line_error(invoke("schedule-plot", "--out", out), 1)
+    assert f"cannot write {out}" in msg and "immutable or append-only" in msg and ".bdm.tmp" not in msg
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".bdm.tmp")]
+
+
+def test_round_ten_attention_that_the_unet_lacks_is_a_warning(tmp_path):
+    """model.attn_resolutions at a size no level has (16 on 8 px images) silently added no attention."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"model.attn_resolutions 16: .*\(8, 4 px\)") as caught:
+        r = invoke("train", "--preset", "tiny", "--steps", 1, "--set", "model.attn_resolutions=[4,16]", "--out", tmp_path / "r")
+    assert r.exit_code == 0 and sum("attn_resolutions" in str(w.message) for w in caught) == 1, r.output
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the preset's own attention (4 px) fits
+        r = invoke("train", "--preset", "tiny", "--steps", 1, "--out", tmp_path / "r2")
+    assert r.exit_code == 0, r.output
+
+
+def test_round_ten_a_matplotlibrc_with_bad_lines_prints_nothing(tmp_path):
+    """schedule-plot ignores a matplotlibrc in the working folder; its bad lines were printed as matplotlib read it."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    (tmp_path / "matplotlibrc").write_text("foo: bar\nlines.linewidth: abc\nthis is junk\n")
+    p = subprocess.run([sys.executable, "-m", "bdm_cli", "schedule-plot", "--out", "s.png"], cwd=tmp_path, text=True,
+                       capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert p.returncode == 0 and p.stderr == "" and p.stdout.strip() == "Wrote s.png", (p.stdout, p.stderr)
+
+
+def test_round_ten_one_process_of_several_stops_on_ctrl_c(tmp_path):
+    """WORLD_SIZE=2 with one process waited torch's 30 minutes in C++, deaf to Ctrl-C and SIGTERM."""
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        proc = subprocess.Popen([sys.executable, "-m", "bdm_cli", "train", "--preset", "tiny", "--out", str(tmp_path / "r")],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(6)  # well into the rendezvous
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == code, out
+        assert "Traceback" not in out and not (tmp_path / "r").exists(), out
