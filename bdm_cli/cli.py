@@ -18,7 +18,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import UsageError, UserError
-from .paths import first_missing, user_path
+from .paths import first_missing, output_file, user_path
 
 app = typer.Typer(
     name="bdm",
@@ -44,6 +44,14 @@ MAX_COMPARE = 16  # schedule-plot --compare: each value is a line in every panel
 MAX_BATCH = 100_000  # samples or images per batch (bdm fid's bound too)
 MAX_KID_SUBSETS = 10_000
 MAX_SAMPLES = 10_000_000  # bdm sample --n / fid --n: days of sampling at that (names widen past 999999.png)
+
+def _output_file(text: str) -> Path:
+    """The parser of file outputs: :func:`~bdm_cli.paths.output_file`, its refusal as the option's own error."""
+    try:
+        return output_file(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
 
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="Preset name (see `bdm presets`) or a .yaml file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: section.key=value.")]
@@ -168,7 +176,7 @@ def blur_preview_cmd(
     size: Annotated[Optional[int], typer.Option(help="Resolution (center crop + resize); default from the preset.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the noise.", min=0, max=MAX_SEED)] = 0,
     no_noise: Annotated[bool, typer.Option("--no-noise", help="Only the pure-blur row.")] = False,
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output PNG.", parser=user_path)] = Path("blur_preview.png"),
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output PNG.", parser=_output_file)] = Path("blur_preview.png"),
     sets: SetOpt = None,
 ):
     """Show the forward process on a real image: z_t at each t, and the pure blur below it."""
@@ -201,11 +209,11 @@ def blur_preview_cmd(
 @app.command("schedule-plot")
 def schedule_plot_cmd(
     preset: PresetOpt = "cifar10",
-    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default schedule.png / .svg).", parser=user_path)] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default schedule.png / .svg).", parser=_output_file)] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="png or svg (default: --out's extension, else png).")] = None,
     compare: Annotated[Optional[str], typer.Option(help="Comma-separated sigma_blur_max values to overlay, e.g. 0,10,20.")] = None,
     size: Annotated[Optional[int], typer.Option(help="Image size whose frequencies are plotted; default from the preset.")] = None,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the numbers to this CSV file.", parser=user_path)] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the numbers to this CSV file.", parser=_output_file)] = None,
     sigma_blur_max: Annotated[Optional[float], typer.Option(help="Override the preset's blur strength.")] = None,
     blur: Annotated[Optional[str], typer.Option(help="Blur schedule: sin2 | linear.")] = None,
     sets: SetOpt = None,
@@ -297,8 +305,14 @@ def train_cmd(
             if isinstance(state.get("step"), int) and cfg.train.steps < state["step"]:
                 raise UsageError(f"--steps {cfg.train.steps} is below the run's step {state['step']}: give the total to "
                                  "reach, at least that")
+            if cfg.train.steps == state.get("step"):  # nothing to do: no file of the finished run is rewritten
+                out.print(f"{run_dir} is already at step {cfg.train.steps}: nothing to train (a larger --steps continues it)",
+                          highlight=False)
+                return
         else:
             cfg = load_config(preset or "digits", overrides)
+            if cfg.train.steps == 0:
+                raise UsageError("train.steps is 0: a new run needs at least one step")
             run_dir = out_dir or Path("runs") / cfg.preset
             if preset and Path(preset).is_file() and Path(preset).resolve() == (run_dir / "config.yaml").resolve():
                 raise UsageError(f"--preset {preset} is the config.yaml that the run in {run_dir} would write: keep the "
@@ -313,7 +327,7 @@ def train_cmd(
             raise UsageError("no dataset given (data.dataset is empty: an unset shell variable in --data?)")
         source = user_path(cfg.data.dataset)  # a resume with --data too
         if source.exists() and not (source.is_dir() or source.is_file()):
-            raise UsageError(f"{source} is neither a folder nor a regular file (a pipe or device?)")
+            raise UserError(f"{source} is neither a folder nor a regular file (a pipe or device?)")
         if source.exists() and _nested(source, run_dir):
             raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
                              "training data, or overwrite its images; choose an --out outside the dataset")
@@ -571,7 +585,7 @@ def sample_cmd(
     run: RunOpt = None,
     checkpoint: CkptOpt = None,
     n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
-    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Grid PNG (default grid.png unless --out-dir).", parser=user_path)] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Grid PNG (default grid.png unless --out-dir).", parser=_output_file)] = None,
     out_dir: Annotated[Optional[Path], typer.Option(help="Also write one PNG per sample here (for FID).", parser=user_path)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the run's sample.steps).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ancestral | ddim | heun | dpmpp-2m | unipc (default: the run's).")] = None,
@@ -582,7 +596,7 @@ def sample_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast in the network (CUDA, CPUs with native bf16).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (pays off for many batches on a GPU).")] = False,
-    trajectory: Annotated[Optional[Path], typer.Option(help="Also write a strip of the predicted x over the steps for 8 samples.", parser=user_path)] = None,
+    trajectory: Annotated[Optional[Path], typer.Option(help="Also write a strip of the predicted x over the steps for 8 samples.", parser=_output_file)] = None,
 ):
     """Draw samples from a trained run: a grid, and/or one PNG per sample."""
     import torch
@@ -645,7 +659,7 @@ def fid_cmd(
     seed: Annotated[int, typer.Option(help="Sampling seed with --run.", min=0, max=MAX_SEED)] = 0,
     bf16: Annotated[bool, typer.Option("--bf16", help="With --run: bf16 autocast in the network (CUDA, CPUs with native bf16).")] = False,
     out_dir: Annotated[Optional[Path], typer.Option(help="With --run, also write the samples as PNGs here.", parser=user_path)] = None,
-    save_stats: Annotated[Optional[Path], typer.Option(help="Write mu/sigma (and the KID features) of the (first) input to this .npz.", parser=user_path)] = None,
+    save_stats: Annotated[Optional[Path], typer.Option(help="Write mu/sigma (and the KID features) of the (first) input to this .npz.", parser=_output_file)] = None,
     dims: Annotated[int, typer.Option(help="Inception features: 2048 (standard), 768, 192 or 64.")] = 2048,
     inception_weights: Annotated[Optional[Path], typer.Option(help="FID Inception state dict (else $BDM_INCEPTION_WEIGHTS or pytorch-fid's download).", parser=user_path)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per Inception batch.")] = 200,
@@ -881,6 +895,19 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     _say("[yellow]Warning:[/]", str(message))
 
 
+def _quiet_libraries() -> None:
+    """What the libraries under bdm would print in their own formats, before torch loads: libgomp's two bare lines
+    for an OMP_NUM_THREADS it cannot read (0, "abc", empty; dropped with one warning, torch then picks the count),
+    and torch's note, as torch.compile starts on a machine without CUDA, that it found no CUDA runtime."""
+    import logging
+
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value is not None and not re.fullmatch(r"\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*", value):
+        del os.environ["OMP_NUM_THREADS"]
+        warnings.warn(f"OMP_NUM_THREADS={value!r} is not a positive whole number (or a list of them): ignored")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def run() -> None:
     """The ``bdm`` entry point: Click's own usage errors (an unknown option, a missing argument, ``--n 1.5``) also
     become one ``Error:`` line and exit 2, like bdm's, instead of a usage box. File names that are not UTF-8 are
@@ -891,6 +918,7 @@ def run() -> None:
             stream.reconfigure(errors="backslashreplace")
     sys.stdout = _PipeSafe(sys.stdout)
     warnings.showwarning = _warning_line
+    _quiet_libraries()
     if 1 in closed:
         _error("standard output is closed (>&-); redirect it to a file or /dev/null instead")
         sys.exit(2)

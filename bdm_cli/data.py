@@ -16,7 +16,7 @@ import torch
 from .errors import UserError
 from .paths import cache_home, user_path
 
-__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "check_not_shadowed", "image_names", "open_image", "read_member", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
+__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "check_not_shadowed", "image_names", "open_image", "why_unreadable", "read_member", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLIT_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev"}
@@ -47,12 +47,20 @@ def read_member(z, name: str) -> bytes:
     return z.read(name)
 
 
+def why_unreadable(e: BaseException) -> str:
+    """Why an image could not be read, for a warning line: bdm's own reasons as they are, others with their kind."""
+    return shown(e) if isinstance(e, DataError) else f"{type(e).__name__}: {shown(e)}"
+
+
 def open_image(fp, name: str | Path):
     """``Image.open`` with the declared size checked before anything is decoded (at most :data:`MAX_PIXELS`)."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # Pillow's own check (a warning, then its own error at twice its limit) is this one
-    img = Image.open(fp)
+    try:
+        img = Image.open(fp)
+    except Image.UnidentifiedImageError:  # its message holds the repr of the file object
+        raise DataError("not an image format Pillow reads: empty, damaged or another kind of file") from None
     w, h = img.size
     if w * h > MAX_PIXELS:
         img.close()
@@ -111,9 +119,12 @@ def load_image(path: Path | str, resolution: int, channels: int = 3) -> torch.Te
         raise DataError(f"{shown(path)} is not a regular file (a pipe or device?)")
     try:
         with open_image(path, path) as img:
+            if min(img.size) < resolution:  # a 1 x 50 picture previews as one colour: say why
+                warnings.warn(f"{shown(path)} is {img.size[0]} x {img.size[1]} pixels: its centre square "
+                              f"({min(img.size)} px) is enlarged to {resolution} px", stacklevel=1)
             return preprocess(img, resolution, channels)
-    except (*READ_ERRORS, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read {shown(path)} as an image ({type(e).__name__}: {shown(e)})") from None
+    except (*READ_ERRORS, Image.DecompressionBombError, DataError) as e:
+        raise DataError(f"cannot read {shown(path)} as an image ({why_unreadable(e)})") from None
 
 
 # -- datasets -------------------------------------------------------------------------
@@ -166,7 +177,7 @@ class FileImages(torch.utils.data.Dataset):
             with self._open(name) as f, open_image(f, name) as img:
                 return preprocess(img, self.resolution, self.channels)
         except (*READ_ERRORS, Image.DecompressionBombError, DataError) as e:
-            warnings.warn(f"skipping unreadable image {shown(name)} in {shown(self.source)} ({type(e).__name__}: {shown(e)})",
+            warnings.warn(f"skipping unreadable image {shown(name)} in {shown(self.source)} ({why_unreadable(e)})",
                           stacklevel=1)
             return None
 

@@ -27,7 +27,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .data import READ_ERRORS, DataError, check_not_shadowed, cifar10_uint8, image_names, open_image, read_member, shown
+from .data import (READ_ERRORS, DataError, check_not_shadowed, cifar10_uint8, image_names, open_image, read_member, shown,
+                   why_unreadable)
 from .errors import UsageError, UserError
 from .io import atomic_write
 from .paths import cache_home, first_missing, user_path
@@ -295,7 +296,7 @@ class ImageSource(torch.utils.data.Dataset):
             with fp, open_image(fp, name) as img:
                 arr = np.asarray(img.convert("RGB"))
         except (*READ_ERRORS, Image.DecompressionBombError, DataError) as e:
-            warnings.warn(f"skipping unreadable image {shown(name)} in {shown(self.path)} ({type(e).__name__}: {shown(e)})",
+            warnings.warn(f"skipping unreadable image {shown(name)} in {shown(self.path)} ({why_unreadable(e)})",
                           stacklevel=1)
             return None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["user_path", "home", "cache_home", "first_missing"]
+__all__ = ["user_path", "output_file", "home", "cache_home", "first_missing"]
 
 
 def user_path(text: str | Path) -> Path:
@@ -24,6 +24,14 @@ def user_path(text: str | Path) -> Path:
         return Path(home()) / rest if rest else Path(home())
     expanded = os.path.expanduser(head)  # ~name: that user's home, or unchanged if there is none
     return Path(expanded + sep + rest)
+
+
+def output_file(text: str | Path) -> Path:
+    """A file to write, as typed (:func:`user_path`): a name ending in ``/`` means a folder, which ``Path`` would
+    silently drop (``--out new.png/`` wrote the file new.png), so it is refused as cp and open() refuse it."""
+    if isinstance(text, str) and text.rstrip().endswith(("/", os.sep, "/.")):
+        raise ValueError(f"{text!r} ends with a slash (a folder); give a file name")
+    return user_path(text)
 
 
 def home() -> Path:

@@ -148,17 +148,19 @@ def init_distributed(device_name: str) -> Dist:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        _join_process_group("nccl" if cuda else "gloo", int(values["RANK"]), int(values["WORLD_SIZE"]))
+        _join_process_group("nccl" if cuda else "gloo", int(values["RANK"]), int(values["WORLD_SIZE"]), local if cuda else None)
     return Dist(dist.get_rank(), dist.get_world_size(), local, True)
 
 
-def _join_process_group(backend: str, rank: int, world: int) -> None:
+def _join_process_group(backend: str, rank: int, world: int, cuda_device: int | None) -> None:
     """``init_process_group`` waits (30 minutes) for every process in C++, where Ctrl-C and SIGTERM cannot reach
     it: it runs in a thread while this one waits, says what it waits for, and stops on a signal."""
     failed = []
 
     def join():
         try:
+            if cuda_device is not None:
+                torch.cuda.set_device(cuda_device)  # the current device is per thread
             dist.init_process_group(backend)
         except Exception as e:  # noqa: BLE001  re-raised below, in the caller's thread
             failed.append(e)

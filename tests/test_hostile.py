@@ -1308,7 +1308,7 @@ def test_round_ten_files_that_are_no_files_and_yaml_that_is_no_config(tmp_path):
         assert "not a regular file" in msg
     assert "preset file not found" in one_line_error(invoke("train", "--preset", tmp_path / "x.yaml"), 2)
     assert "neither a folder nor a regular file" in one_line_error(
-        invoke("train", "--preset", "tiny", "--data", fifo, "--out", tmp_path / "r"), 2)
+        invoke("train", "--preset", "tiny", "--data", fifo, "--out", tmp_path / "r"), 1)
     assert "no such run folder" in one_line_error(invoke("train", "--resume", tmp_path / "nope"), 2)
     assert "not a folder" in one_line_error(invoke("train", "--resume", fifo), 2)
     for args in (("train", "--resume", folder), ("sample", "--run", folder, "--out", tmp_path / "g.png")):
@@ -1394,3 +1394,56 @@ def test_round_ten_one_process_of_several_stops_on_ctrl_c(tmp_path):
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == code, out
         assert "Traceback" not in out and not (tmp_path / "r").exists(), out
+
+
+def test_round_ten_helper_findings(good_run, tmp_path, image_file):
+    """The fresh round's cases: glued brackets in a list value trained another model ("[1][2]" became [12]); a
+    trailing slash on a file output was dropped; --steps 0 "trained" an empty run and resuming a finished run
+    rewrote its files; a zero-byte image's warning showed a file object's repr; a 1 x 50 picture previewed as one
+    colour without a word."""
+    from bdm_cli.config import load_config
+
+    for value in ("[1][2]", "1)(2", "[1,2", "[[1]],[2]", "[1,,2]", ",1"):
+        msg = one_line_error(invoke("train", "--preset", "tiny", "--set", f"model.channel_mult={value}", "--out", tmp_path / "r"), 2)
+        assert "must be a list such as [1, 2]" in msg
+    assert load_config("tiny", ["model.channel_mult=1,2"]).model.channel_mult == (1, 2)
+    assert load_config("tiny", ["model.attn_resolutions=(4,)"]).model.attn_resolutions == (4,)
+    for args in (("blur-preview", image_file, "--out", f"{tmp_path}/new.png/"), ("schedule-plot", "--csv", f"{tmp_path}/x/"),
+                 ("sample", "--run", good_run, "--out", f"{tmp_path}/g.png/"),
+                 ("fid", "digits", "digits", "--save-stats", f"{tmp_path}/s.npz/")):
+        r = invoke(*args)  # Click's own usage error (one Error: line through the entry point, `run`)
+        assert r.exit_code == 2 and "ends with a slash" in " ".join(r.output.replace("│", " ").split()), r.output
+    assert not [p.name for p in tmp_path.iterdir() if p.name in ("new.png", "x", "g.png", "s.npz")]
+    assert "at least one step" in one_line_error(invoke("train", "--preset", "tiny", "--steps", 0, "--out", tmp_path / "r0"), 2)
+    assert not (tmp_path / "r0").exists() and not (tmp_path / "r").exists()
+    run = _copy_run(good_run, tmp_path / "done")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()}
+    r = invoke("train", "--resume", run)
+    assert r.exit_code == 0 and "nothing to train" in r.output, r.output
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()} == before
+    (tmp_path / "zero.png").write_bytes(b"")
+    msg = one_line_error(invoke("blur-preview", tmp_path / "zero.png", "--out", tmp_path / "z.png"), 1)
+    assert "not an image format Pillow reads" in msg and "BufferedReader" not in msg
+    Image.new("RGB", (1, 50), (200, 10, 10)).save(tmp_path / "thin.png")
+    with pytest.warns(UserWarning, match="1 x 50 pixels: its centre square"):
+        r = invoke("blur-preview", tmp_path / "thin.png", "--size", 16, "--out", tmp_path / "t.png")
+    assert r.exit_code == 0, r.output
+
+
+def test_round_ten_library_output_in_bdm_lines(good_run, tmp_path):
+    """An OMP_NUM_THREADS libgomp cannot read printed two bare lines; torch.compile on a machine without CUDA logged
+    torch's own "No CUDA runtime is found" line."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "0"}
+    p = subprocess.run([sys.executable, "-m", "bdm_cli", "schedule-plot", "--out", str(tmp_path / "s.png")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "libgomp" not in p.stdout + p.stderr, (p.stdout, p.stderr)
+    assert p.stderr.strip() == "Warning: OMP_NUM_THREADS='0' is not a positive whole number (or a list of them): ignored"
+    assert p.stdout.strip() == f"Wrote {tmp_path / 's.png'}"
+    code = ("import logging, sys; from bdm_cli import cli; cli._quiet_libraries(); "
+            "from torch.utils import cpp_extension; sys.exit(logging.getLogger(cpp_extension.__name__).isEnabledFor(logging.WARNING))")
+    assert subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"}, timeout=120).returncode == 0

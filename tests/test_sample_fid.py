@@ -73,7 +73,7 @@ def test_sample_as_written_with_default_run(tiny_run, tmp_path, monkeypatch):
     (["--n", "0"], "--n must be positive"),
     (["--steps", "0"], "--steps"),
     (["--sampler", "euler"], "--sampler"),
-    (["--run", "/nonexistent"], "not found"),
+    (["--run", "/nonexistent-bdm-run"], "not found"),
 ])
 def test_sample_errors(tiny_run, args, message):
     if "--run" not in args:
