@@ -21,8 +21,8 @@ install: $(VENV)/.installed
 
 demo: install
 	mkdir -p $(OUT)
-	$(PY) -c "from sklearn.datasets import load_digits; from PIL import Image; import numpy as np; \
-	  Image.fromarray((load_digits().images[0] * 255 / 16).astype(np.uint8)).save('$(OUT)/digit.png')"
+	$(PY) -c "from bdm_cli.data import load_digits; from bdm_cli.io import to_uint8; from PIL import Image; \
+	  Image.fromarray(to_uint8(load_digits(16, 1))[0, 0].numpy(), 'L').save('$(OUT)/digit.png')"
 	$(BDM) blur-preview $(OUT)/digit.png --preset digits --out $(OUT)/blur_preview.png
 	$(BDM) schedule-plot --preset digits --compare 0,2,4 --out $(OUT)/schedule.png --csv $(OUT)/schedule.csv
 	rm -rf $(DEMO_RUN)

@@ -148,7 +148,7 @@ def _t_values(ts: list[str] | None) -> list[float]:
             if t is None:
                 raise UsageError(f"--t must be a number in [0, 1], got {part!r}")
             if not 0.0 <= t <= 1.0:
-                raise UsageError(f"--t must be in [0, 1], got {t:g}")
+                raise UsageError(f"--t must be in [0, 1], got {part.strip()}")  # as typed: 1.0000000001 is not "1"
             values.append(t)
     return values
 
@@ -158,6 +158,8 @@ def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float
 
     cfg = load_config(preset, sets or [])
     for flag, key, value in (("--sigma-blur-max", "sigma_blur_max", sigma_blur_max), ("--blur", "blur", blur)):
+        if value is not None and any(s.partition("=")[0].strip() == f"diffusion.{key}" for s in sets or []):
+            raise UsageError(f"{flag} and --set diffusion.{key} both set it: give one")
         if value is not None:
             try:
                 cfg = apply_overrides(cfg, [f"diffusion.{key}={value}"]).validate()
@@ -245,6 +247,8 @@ def schedule_plot_cmd(
             if len(values) > MAX_COMPARE:
                 raise UsageError(f"--compare takes at most {MAX_COMPARE} values (one line each in every panel), "
                                  f"got {len(values)}")
+            if len(set(values)) < len(values):
+                raise UsageError(f"--compare gives a value twice (one line would hide the other): {compare!r}")
             schedules = [replace(schedule, sigma_blur_max=v) for v in values]
         resolution = size if size is not None else cfg.data.resolution
         if not 2 <= resolution <= MAX_PLOT:
@@ -279,6 +283,7 @@ def train_cmd(
 
     from .checkpoint import CHECKPOINT, checkpoint_config, load_checkpoint
     from .config import apply_overrides, load_config
+    from .io import check_writable
     from .runtime import resolve_device
     from .train import RunLocked, train
 
@@ -298,6 +303,9 @@ def train_cmd(
                                                            "not a folder (a pipe or device)"))
             run_dir = resume
             state = load_checkpoint(run_dir)
+            for name in (CHECKPOINT, "config.yaml", "metrics.jsonl"):  # before the run's files change
+                if (run_dir / name).exists():
+                    check_writable(run_dir / name)
             saved = checkpoint_config(state)
             _check_config_file(run_dir, saved)
             cfg = apply_overrides(saved, overrides).validate()
@@ -305,12 +313,9 @@ def train_cmd(
             if isinstance(state.get("step"), int) and cfg.train.steps < state["step"]:
                 raise UsageError(f"--steps {cfg.train.steps} is below the run's step {state['step']}: give the total to "
                                  "reach, at least that")
-            if cfg.train.steps == state.get("step"):  # nothing to do: no file of the finished run is rewritten
-                out.print(f"{run_dir} is already at step {cfg.train.steps}: nothing to train (a larger --steps continues it)",
-                          highlight=False)
-                return
+            finished = cfg.train.steps == state.get("step")
         else:
-            cfg = load_config(preset or "digits", overrides)
+            cfg, finished = load_config(preset or "digits", overrides), False
             if cfg.train.steps == 0:
                 raise UsageError("train.steps is 0: a new run needs at least one step")
             run_dir = out_dir or Path("runs") / cfg.preset
@@ -328,6 +333,12 @@ def train_cmd(
         source = user_path(cfg.data.dataset)  # a resume with --data too
         if source.exists() and not (source.is_dir() or source.is_file()):
             raise UserError(f"{source} is neither a folder nor a regular file (a pipe or device?)")
+        if finished:  # every option checked, nothing to do: no file of the finished run is rewritten
+            if not source.exists() and cfg.data.dataset not in ("digits", "cifar10"):
+                raise UserError(f"dataset not found: {source} (expected digits, cifar10, a folder or a zip of images)")
+            out.print(f"{run_dir} is already at step {cfg.train.steps}: nothing to train (a larger --steps continues it)",
+                      highlight=False)
+            return
         if source.exists() and _nested(source, run_dir):
             raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
                              "training data, or overwrite its images; choose an --out outside the dataset")
@@ -557,6 +568,32 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
                          "choose an empty folder or remove them")
 
 
+@contextlib.contextmanager
+def _numbered_samples(out_dir: Path | None):
+    """Yields ``save(images, first)`` writing numbered PNGs into ``--out-dir`` (made if missing). A command that fails
+    or is stopped before its last sample removes the ones it wrote, and the folders it made, so that the same
+    command simply runs again (they would block it) and no half set is taken for a whole one."""
+    from .io import save_numbered
+
+    if out_dir is None:
+        yield lambda images, first: None
+        return
+    made, written = first_missing(out_dir), []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield lambda images, first: written.extend(save_numbered(images, out_dir, first))
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for folder in [out_dir, *out_dir.parents] if made is not None else []:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: files of anyone else stay
+            if folder == made:
+                break
+        raise
+
+
 GRID_MAX = 1024  # samples shown in one grid PNG
 RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the newest under ./runs).",
                                                  parser=user_path)]
@@ -603,21 +640,20 @@ def sample_cmd(
 
     from .engine import nfe
     from .generate import find_checkpoint, load_run, sample_batches
-    from .io import check_outputs, make_grid, save_image, save_numbered
+    from .io import check_outputs, make_grid, save_image
 
-    with user_errors():
+    with user_errors(), _stopped_by_signals():
         _check_sampling(n, steps, sampler, grid, batch_size)
         grid_path = out_path or (None if out_dir else Path("grid.png"))
         ckpt = find_checkpoint(run, checkpoint)
+        _check_out_dir(out_dir, grid_path, trajectory, n=n, inputs=[ckpt])  # first: it names --out-dir's own files
         check_outputs(grid_path, trajectory, images=True, inputs=[ckpt])
-        _check_out_dir(out_dir, grid_path, trajectory, n=n, inputs=[ckpt])
         r = load_run(ckpt, ema=not no_ema, device=device)  # first: a bad checkpoint or device makes no folder
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
         k = steps or r.cfg.sample.steps
         name = sampler or r.cfg.sample.sampler
-        out.print(f"Sampling {n} images from step {r.step} ({r.cfg.preset}, {name}, {k} steps, {nfe(name, k)} network calls per batch)",
-                  highlight=False)
+        picked = "" if run is not None or checkpoint is not None else f" of {ckpt.parent} (the newest run)"
+        out.print(f"Sampling {n} images from step {r.step}{picked} ({r.cfg.preset}, {name}, {k} steps, "
+                  f"{nfe(name, k)} network calls per batch)", highlight=False)
         images, snaps = [], []
 
         def snap(first: int, st) -> None:
@@ -625,12 +661,11 @@ def sample_cmd(
                 snaps.append(st.denoised[:8].float().clamp(-1, 1).cpu())
             bar.update(task, advance=1)
 
-        with _progress("sample") as bar:
+        with _progress("sample") as bar, _numbered_samples(out_dir) as save:
             task = bar.add_task("sample", total=-(-n // batch_size) * k)
             for b, x in enumerate(sample_batches(r, n, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler,
                                                  grid=grid, bf16=bf16, callback=snap, compile=compile)):
-                if out_dir is not None:
-                    save_numbered(x, out_dir, b * batch_size)
+                save(x, b * batch_size)
                 if grid_path is not None and sum(map(len, images)) < GRID_MAX:
                     images.append(x[: GRID_MAX - sum(map(len, images))].clone())  # memory stays flat for any --n
         if grid_path is not None:
@@ -680,7 +715,7 @@ def fid_cmd(
     from .io import check_writable
     from .runtime import resolve_device
 
-    with user_errors():
+    with user_errors(), _stopped_by_signals():
         dev = resolve_device(device)
         if not 0 < batch_size <= MAX_BATCH:
             raise UsageError(f"--batch-size must be in 1..{MAX_BATCH}, got {batch_size}")
@@ -713,6 +748,8 @@ def fid_cmd(
         for source in (a, b, ref):
             if source is not None:
                 fid.check_input(source)
+                if source not in fid.NAMED_REFS and Path(source).suffix.lower() == ".npz" and Path(source).is_file():
+                    fid.read_stats(Path(source), dims)  # its errors (--dims, say) before minutes on the other input
         if save_stats is not None:
             if save_stats.suffix.lower() != ".npz":
                 raise UsageError(f"--save-stats {save_stats} does not end in .npz")
@@ -795,20 +832,16 @@ def _fid_of_samples(r, n, steps, sampler, grid, seed, bf16, batch_size, out_dir,
     """Sample from a loaded run and stream the samples, quantised as a PNG would hold them, into the Inception."""
     from . import fid
     from .generate import sample_batches
-    from .io import save_numbered
 
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
     counted(n)
+    with _numbered_samples(out_dir) as save:
+        def batches():
+            for k, x in enumerate(sample_batches(r, n, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler,
+                                                 grid=grid, bf16=bf16)):
+                save(x, k * batch_size)
+                yield fid.as_inception_input(x)
 
-    def batches():
-        for k, x in enumerate(sample_batches(r, n, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler, grid=grid,
-                                                        bf16=bf16)):
-            if out_dir is not None:
-                save_numbered(x, out_dir, k * batch_size)
-            yield fid.as_inception_input(x)
-
-    st = fid.features(model, batches(), dims, dev, progress)
+        st = fid.features(model, batches(), dims, dev, progress)
     return (*st.result(), st.n, st.rows)
 
 

@@ -141,7 +141,8 @@ class Config:
              f"sample.n (the training grids' samples, drawn in one batch) must be in 1..1024 and sample.batch_size > 0, "
              f"got {self.sample.n} and {self.sample.batch_size}"),
             (math.isfinite(self.diffusion.sigma_blur_max), "diffusion.sigma_blur_max must be finite"),
-            (1 <= self.sample.steps <= 4000 and 1 <= self.sample.preview_steps <= 4000, "sample.steps must be in 1..4000"),
+            (1 <= self.sample.steps <= 4000, f"sample.steps must be in 1..4000, got {self.sample.steps}"),
+            (1 <= self.sample.preview_steps <= 4000, f"sample.preview_steps must be in 1..4000, got {self.sample.preview_steps}"),
         ]
         for ok, message in checks:
             if not ok:

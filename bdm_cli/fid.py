@@ -493,7 +493,9 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
             arrays = {k: f[k] for k in ("mu", "sigma", "n", "feats") if k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, MemoryError, *READ_ERRORS) as e:
         raise UserError(f"{what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
-    mu, sigma, feats = arrays.get("mu"), arrays.get("sigma"), arrays.get("feats")
+    # float64 before any check: a float16 file's values overflow a comparison with 1e6 (and numpy warns)
+    mu, sigma, feats = (a.astype(np.float64) if a is not None and a.dtype.kind in "fiu" else a
+                        for a in (arrays.get("mu"), arrays.get("sigma"), arrays.get("feats")))
     if mu is None or sigma is None:
         raise UserError(f"{what}: it has no 'mu' and 'sigma' arrays")
     for name, a, shape in (("mu", mu, (dims,)), ("sigma", sigma, (dims, dims))):
@@ -509,7 +511,11 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
         raise UserError(f"{what}: feats must be finite numbers of shape [n, {dims}], got {feats.dtype} {feats.shape}")
     n = arrays.get("n")
     n = int(n) if n is not None and n.dtype.kind in "iu" and n.size == 1 else -1
-    return mu.astype(np.float64), sigma.astype(np.float64), n, feats
+    if feats is not None and n >= 0 and (len(feats) > n or (n <= RESERVOIR and len(feats) != n)):
+        # feats are every image's features, or a reservoir sample of RESERVOIR of them: never more than n
+        raise UserError(f"{what}: it holds {len(feats)} feature rows for n = {n} images (at most n, all n up to "
+                        f"{RESERVOIR:,})")
+    return mu, sigma, n, feats
 
 
 def check_input(source: str) -> None:
@@ -521,6 +527,8 @@ def check_input(source: str) -> None:
         raise UserError(f"not found: {shown(source)} (a folder or zip of images, a .npz, or one of {', '.join(NAMED_REFS)})")
     if source not in NAMED_REFS and not (Path(source).is_dir() or Path(source).is_file()):
         raise UserError(f"{shown(source)} is neither a folder nor a regular file (a pipe or device?)")
+    if Path(source).is_dir() and (Path(source) / "checkpoint.pt").is_file():  # its images are only preview grids
+        raise UsageError(f"{shown(source)} is a bdm run folder: score its model with --run {shown(source)} --ref REF")
 
 
 def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, feats: np.ndarray | None = None) -> Path:

@@ -42,6 +42,11 @@ def check_writable(path: Path) -> Path:
         raise OutputError(f"output directory does not exist: {parent}")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output directory is not writable: {parent}")
+    if path.is_file():  # an immutable or append-only file refuses even root; found now, not after the work
+        try:
+            os.close(os.open(path, os.O_WRONLY))  # opened, never written: the file stays as it is
+        except PermissionError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror} (read-only, immutable or append-only?)") from None
     return path
 
 
@@ -188,8 +193,8 @@ def save_image(image: torch.Tensor, path: Path | str, scale: int = 1, *, exclusi
     return write_image(img, path, exclusive=exclusive)
 
 
-def save_numbered(images: torch.Tensor, out_dir: Path, first: int) -> None:
+def save_numbered(images: torch.Tensor, out_dir: Path, first: int) -> list[Path]:
     """Save a batch as ``{index:06d}.png`` from ``first`` on: the file of sample i holds sample i in any batching.
-    Never over an existing file: two commands writing one folder at once stop with an error, not a mix of both."""
-    for j, img in enumerate(images):
-        save_image(img, Path(out_dir) / f"{first + j:06d}.png", exclusive=True)
+    Never over an existing file: two commands writing one folder at once stop with an error, not a mix of both.
+    Returns the files written."""
+    return [save_image(img, Path(out_dir) / f"{first + j:06d}.png", exclusive=True) for j, img in enumerate(images)]

@@ -19,6 +19,8 @@ SATURATED = 0.9  # |x| above this counts as saturated (the digits' black backgro
 def band_masks(height: int, width: int, fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean [H, W] masks of the lowest and the highest ``fraction`` of the non-DC DCT frequencies, ordered by
     ``lambda = (pi k / H)^2 + (pi l / W)^2`` (the blur's own order: the lowest are blurred last)."""
+    if height * width < 3:  # a low and a high band of non-DC frequencies need two of them
+        raise ValueError(f"band_masks needs images of at least 3 pixels, got {height} x {width}")
     lam = BlurSchedule.frequencies(height, width).flatten()
     order = lam.argsort(stable=True)[1:]  # DC (lambda 0) left out: it is the image mean, reported on its own
     count = max(1, round(fraction * order.numel()))
@@ -30,6 +32,10 @@ def band_masks(height: int, width: int, fraction: float = 0.1) -> tuple[torch.Te
 @torch.no_grad()
 def image_statistics(x: torch.Tensor) -> dict:
     """Pixel and per-frequency statistics of images ``x`` [N, C, H, W] in [-1, 1] (float64 sums)."""
+    if x.ndim != 4 or x.shape[0] < 2:  # a variance over images needs two of them
+        raise ValueError(f"image_statistics needs [N, C, H, W] with N >= 2 images, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():  # uint8 0..255 read as [-1, 1] would be all saturated
+        raise TypeError(f"image_statistics needs float images in [-1, 1], got {x.dtype}")
     x = x.double()
     var_u = dct2(x).var(0, unbiased=True).mean(0)  # [H, W], averaged over channels
     low, high = band_masks(*x.shape[-2:])
@@ -50,6 +56,8 @@ def compare(samples: torch.Tensor | dict, data: torch.Tensor | dict) -> dict:
     ``|log|`` std ratio over all frequencies, as a ratio; ``mean`` and ``data_mean`` are the pixel means."""
     s = samples if isinstance(samples, dict) else image_statistics(samples)
     d = data if isinstance(data, dict) else image_statistics(data)
+    if min(d["std"], d["dct_var_low"], d["dct_var_high"]) <= 0:
+        raise ValueError("the data is constant (zero variance): there is nothing to compare the samples with")
     per_freq = (s["dct_var"] / d["dct_var"].clamp(min=1e-12)).sqrt()
     return {
         "saturated": s["saturated"] / max(d["saturated"], 1e-12),

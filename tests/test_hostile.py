@@ -5,8 +5,10 @@ changed."""
 
 import os
 import random
+import re
 import signal
 import struct
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -1447,3 +1449,116 @@ def test_round_ten_library_output_in_bdm_lines(good_run, tmp_path):
     code = ("import logging, sys; from bdm_cli import cli; cli._quiet_libraries(); "
             "from torch.utils import cpp_extension; sys.exit(logging.getLogger(cpp_extension.__name__).isEnabledFor(logging.WARNING))")
     assert subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"}, timeout=120).returncode == 0
+
+
+# -- round eleven ---------------------------------------------------------------------------------------------------
+
+def test_round_eleven_cli(good_run, tmp_path, image_file, monkeypatch):
+    """A run folder scored as an image set (its preview grids), statistics whose feature rows do not fit n or are
+    float16, an option and --set giving one value, a value twice in --compare, a misquoted --t, the wrong key
+    blamed, --trajectory inside a missing --out-dir, a failed resume that had already rewritten the run's files,
+    and a finished run's resume that skipped the checks of its options."""
+    assert "is a bdm run folder: score its model with --run" in one_line_error(invoke("fid", good_run, "digits", "--dims", 64), 2)
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(30, 64))
+    np.savez(tmp_path / "rows.npz", mu=np.zeros(64), sigma=np.eye(64), n=5, feats=feats)
+    assert "30 feature rows for n = 5" in one_line_error(invoke("fid", tmp_path / "rows.npz", "digits", "--dims", 64), 1)
+    f16 = dict(mu=np.zeros(64, np.float16), sigma=np.eye(64, dtype=np.float16), feats=np.full((4, 64), 6e4, np.float16))
+    np.savez(tmp_path / "f16.npz", **f16)  # 6e4 fits float16 (65504 at most); compared with 1e6 there, numpy warned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = invoke("fid", tmp_path / "f16.npz", tmp_path / "f16.npz", "--dims", 64)
+    assert r.exit_code == 0 and "overflow" not in r.output, r.output
+    np.savez(tmp_path / "s64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    assert "--dims 2048" in one_line_error(invoke("fid", tmp_path / "s64.npz", "digits"), 1)  # before digits' features
+    msg = one_line_error(invoke("blur-preview", image_file, "--sigma-blur-max", 7, "--set", "diffusion.sigma_blur_max=5",
+                                "--out", tmp_path / "b.png"), 2)
+    assert "--sigma-blur-max and --set diffusion.sigma_blur_max both set it" in msg
+    assert "twice" in one_line_error(invoke("schedule-plot", "--compare", "1000,0,1e3", "--out", tmp_path / "s.png"), 2)
+    assert "got 1.0000000001" in one_line_error(invoke("blur-preview", image_file, "--t", "1.0000000001", "--out", tmp_path / "b.png"), 2)
+    assert "sample.preview_steps must be" in one_line_error(invoke("schedule-plot", "--set", "sample.preview_steps=0",
+                                                                   "--out", tmp_path / "s.png"), 2)
+    msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--out-dir", tmp_path / "od",
+                                "--trajectory", tmp_path / "od" / "traj.png"), 2)
+    assert "is inside --out-dir" in msg and not (tmp_path / "od").exists()
+    run = _copy_run(good_run, tmp_path / "locked")
+    before = _snapshot(run)
+
+    def refused(path, flags, *args, **kwargs):
+        if Path(path) == run / "checkpoint.pt" and flags & os.O_WRONLY:
+            raise PermissionError(1, "Operation not permitted")
+        return real_open(path, flags, *args, **kwargs)
+
+    real_open = os.open
+    monkeypatch.setattr(os, "open", refused)
+    assert "cannot write" in one_line_error(invoke("train", "--resume", run, "--steps", 4), 1)
+    monkeypatch.undo()
+    assert _snapshot(run) == before  # config.yaml and metrics.jsonl as they were
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda" in one_line_error(invoke("train", "--resume", run, "--device", "cuda"), 1)
+    assert "dataset not found" in one_line_error(invoke("train", "--resume", run, "--data", tmp_path / "nosuch"), 1)
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("command", ["sample", "fid"])
+def test_round_eleven_stopped_sampling_leaves_no_numbered_samples(good_run, tmp_path, command):
+    """Ctrl-C or SIGTERM during `bdm sample --out-dir` / `bdm fid --run --out-dir` left a folder of the first
+    samples, which then blocked the same command ("already holds 8 of the files"); fid's SIGTERM printed nothing."""
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    out = tmp_path / "made" / "samples"
+    args = ["--run", str(good_run), "--n", "100000", "--batch-size", "2", "--steps", "2", "--out-dir", str(out)]
+    args = ["sample", *args, "--out", str(tmp_path / "g.png")] if command == "sample" else \
+        ["fid", *args, "--ref", "digits", "--dims", "64", "--inception-weights",
+         str(shared_file("fid/pt_inception-2015-12-05.pth")), "--no-cache"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bdm_cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    end = time.time() + 120
+    while not (out.is_dir() and len(list(out.glob("*.png"))) >= 4) and time.time() < end and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Interrupted" in output and "Traceback" not in output, output
+    assert not (tmp_path / "made").exists() and not (tmp_path / "g.png").exists()
+
+
+def test_round_eleven_engine_refuses_what_it_cannot_compute():
+    """The documented functions gave NaN or plausible numbers for t outside [0, 1] (tan is periodic), s >= t, noise
+    or model outputs of another shape (broadcast over channels), steps 0 or 2.5, integer DCT matrices (all zero),
+    empty images, a string sigma_blur_max, one image's statistics (NaN) and constant data (ZeroDivisionError)."""
+    from bdm_cli.engine import BlurSchedule, dct2, dct_matrix, denoise_mean_var, diffuse, sample, time_grid
+    from bdm_cli.spectrum import band_masks, compare, image_statistics
+
+    s = BlurSchedule(sigma_blur_max=2)
+    x, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    zero = lambda z, t: torch.zeros_like(z)  # noqa: E731
+    cases = [
+        (lambda: diffuse(x, torch.full((4,), 3.0), noise, s), ValueError, "t must be in [0, 1]"),
+        (lambda: diffuse(x, torch.full((4,), float("nan")), noise, s), ValueError, "t must be in [0, 1]"),
+        (lambda: diffuse(x, torch.rand(4), noise[:, :1], s), ValueError, "noise must have x's shape"),
+        (lambda: denoise_mean_var(x, 0.3, 0.6, noise, s), ValueError, "s < t"),
+        (lambda: denoise_mean_var(x, 0.5, -0.2, noise, s), ValueError, "s must be in [0, 1]"),
+        (lambda: time_grid(s, 0), ValueError, "steps must be a whole number"),
+        (lambda: time_grid(s, 2.5), ValueError, "steps must be a whole number"),
+        (lambda: dct_matrix(4, torch.int64), TypeError, "floating-point"),
+        (lambda: dct_matrix(0), ValueError, "n >= 1"),
+        (lambda: dct2(torch.zeros(2, 0, 0)), ValueError, "at least 1 x 1"),
+        (lambda: BlurSchedule(sigma_blur_max="20"), TypeError, "finite number"),
+        (lambda: sample(zero, noise, s, True), ValueError, "steps must be a whole number"),
+        (lambda: sample(zero, noise, s, 2, denoised_range=[-1, 1]), TypeError, "pair of tensors"),
+        (lambda: sample(lambda z, t: torch.zeros_like(z[:, :1]), noise, s, 2), ValueError, "the model returned shape"),
+        (lambda: image_statistics(x[:1]), ValueError, "N >= 2"),
+        (lambda: image_statistics(((x + 1) * 127).to(torch.uint8)), TypeError, "float images"),
+        (lambda: compare(x, torch.zeros_like(x)), ValueError, "constant"),
+        (lambda: band_masks(1, 1), ValueError, "at least 3 pixels"),
+    ]
+    for call, kind, words in cases:
+        with pytest.raises(kind, match=re.escape(words)):
+            call()
+    assert diffuse(x, torch.rand(4), noise, s).shape == x.shape and time_grid(s, np.int64(3)).shape == (4,)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 
@@ -33,6 +34,10 @@ _cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
     """The n x n orthonormal DCT-II matrix ``C`` (``dct(x) = C @ x``, ``C^-1 = C^T``)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"dct_matrix needs a whole number n >= 1, got {n!r}")
+    if not dtype.is_floating_point:  # an integer matrix rounds every entry (all below 1) to 0
+        raise TypeError(f"dct_matrix needs a floating-point dtype, got {dtype}")
     key = (n, dtype, torch.device(device))
     m = _cache.get(key)
     if m is None:
@@ -46,6 +51,8 @@ def _check(x: torch.Tensor) -> None:
         raise ValueError(f"dct2/idct2 need at least 2 dims, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"dct2/idct2 need a floating-point tensor, got {x.dtype}")
+    if 0 in x.shape[-2:]:
+        raise ValueError(f"dct2/idct2 need images of at least 1 x 1, got shape {tuple(x.shape)}")
 
 
 def dct2(x: torch.Tensor) -> torch.Tensor:

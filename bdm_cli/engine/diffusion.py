@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .dct import dct2, idct2
-from .schedule import BlurSchedule
+from .schedule import BlurSchedule, check_times
 
 __all__ = ["diffuse", "eps_loss", "denoise_mean_var", "posterior_coefficients", "Model"]
 
@@ -26,18 +26,26 @@ def _alpha_sigma64(schedule: BlurSchedule, t, like: torch.Tensor):
     return schedule.alpha_sigma(t, like.shape[-2], like.shape[-1])
 
 
-def diffuse(x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: BlurSchedule) -> torch.Tensor:
+def diffuse(x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: BlurSchedule, *,
+            check_t: bool = True) -> torch.Tensor:
     """Sample ``z_t ~ q(z_t | x)``: ``z_t = IDCT(alpha_t * DCT(x)) + sigma_t * noise`` (Eq. 9).
 
-    ``x`` and ``noise`` are [B, C, H, W], ``t`` is [B] (or a scalar) in [0, 1].
+    ``x`` and ``noise`` are [B, C, H, W], ``t`` is [B] (or a scalar) in [0, 1], checked unless ``check_t=False``
+    (a training step whose t is ``torch.rand``: the check reads the tensor, a host synchronisation on a GPU).
     """
+    if check_t:
+        check_times(t)
+    if noise.shape != x.shape:  # broadcasting [B, 1, H, W] noise would give every channel the same noise
+        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
     alpha, sigma = _alpha_sigma64(schedule, t, x)
     return idct2(alpha.to(x.dtype) * dct2(x)) + sigma.to(x.dtype) * noise
 
 
-def eps_loss(model: Model, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: BlurSchedule) -> torch.Tensor:
-    """The paper's training loss: ``mean ||noise - model(z_t, t)||^2`` (plain MSE on eps)."""
-    z_t = diffuse(x, t, noise, schedule)
+def eps_loss(model: Model, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: BlurSchedule, *,
+             check_t: bool = True) -> torch.Tensor:
+    """The paper's training loss: ``mean ||noise - model(z_t, t)||^2`` (plain MSE on eps); ``check_t`` as in
+    :func:`diffuse`."""
+    z_t = diffuse(x, t, noise, schedule, check_t=check_t)
     eps_hat = model(z_t, t.to(x.dtype))
     return F.mse_loss(eps_hat.float(), noise.float())
 
@@ -68,6 +76,13 @@ def denoise_mean_var(z_t, t, s, eps_hat, schedule: BlurSchedule, delta: float = 
     ``mean`` has ``z_t``'s shape (pixel space); ``var`` is [B, 1, H, W] in DCT space, so a
     sample is ``mean + IDCT(sqrt(var) * e)`` with ``e`` standard normal.
     """
+    if eps_hat.shape != z_t.shape:
+        raise ValueError(f"eps_hat must have z_t's shape {tuple(z_t.shape)}, got {tuple(eps_hat.shape)}")
+    check_times(t)
+    check_times(s, "s")
+    if not isinstance(t, torch.Tensor) or t.device.type == "cpu":  # as check_times: no host sync on a GPU
+        if not bool((torch.as_tensor(s, dtype=torch.float64) < torch.as_tensor(t, dtype=torch.float64)).all()):
+            raise ValueError(f"denoise_mean_var needs s < t, got s={s} and t={t}")
     alpha_t, sigma_t = _alpha_sigma64(schedule, t, z_t)
     c_u, c_x, var = posterior_coefficients(alpha_t, sigma_t, *_alpha_sigma64(schedule, s, z_t), delta)
     c_eps = c_x / alpha_t  # x_hat's 1/alpha_t folded into the float64 coefficient: var / (alpha_ts sigma_s^2)

@@ -20,6 +20,7 @@ computed once per call, in float64, for every step, and :class:`_Predictor` is t
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Callable, Sequence
@@ -65,6 +66,8 @@ def time_grid(schedule: BlurSchedule, steps: int, grid: str = "uniform", size: t
       spends steps there. Without blur it is exactly the ``logsnr`` grid.
       ``size`` is the image size (H, W) that sets the frequencies.
     """
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
     if grid == "uniform":
         return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     if grid == "logsnr" or (grid == "spectral" and schedule.sigma_blur_max == 0):
@@ -151,6 +154,8 @@ class _Predictor:
     def __call__(self, u: torch.Tensor, i: int) -> torch.Tensor:
         z = idct2(u)
         eps = self.model(z, self.t_in[i].expand(self.batch)).to(u.dtype)
+        if eps.shape != z.shape:  # broadcast on, a [B, 1, H, W] output gave every channel the same eps
+            raise ValueError(f"the model returned shape {tuple(eps.shape)} for an input of shape {tuple(z.shape)}")
         x_u = (u - self.sigma[i] * dct2(eps)) / self.alpha[i]
         if self.bounds is not None:
             x_u = torch.maximum(torch.minimum(x_u, self.bounds[1]), self.bounds[0])
@@ -307,10 +312,13 @@ def sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
-    if noise.ndim != 4:
-        raise ValueError(f"noise must be [B, C, H, W], got shape {tuple(noise.shape)}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be a whole number between 1 and {MAX_STEPS}, got {steps!r}")
+    if noise.ndim != 4 or 0 in noise.shape:
+        raise ValueError(f"noise must be [B, C, H, W] with no empty dim, got shape {tuple(noise.shape)}")
+    if denoised_range is not None and not (isinstance(denoised_range, (tuple, list)) and len(denoised_range) == 2
+                                           and all(isinstance(b, torch.Tensor) for b in denoised_range)):
+        raise TypeError("denoised_range must be a pair of tensors (low_u, high_u), each [C, H, W] in DCT space")
     grid = grid or default_grid(sampler)
     height, width = noise.shape[-2:]
     ts = time_grid(schedule, steps, grid, (height, width))

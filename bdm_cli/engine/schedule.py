@@ -19,13 +19,26 @@ so float64 references are a dtype away.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlurSchedule", "BLURS"]
+__all__ = ["BlurSchedule", "BLURS", "check_times"]
 
 BLURS = ("sin2", "linear")
+
+
+def check_times(t, name: str = "t") -> None:
+    """Times must lie in [0, 1] (the cosine schedule's tan is periodic: t = 3 gave plausible numbers, 1.5 NaN).
+    Checked for Python numbers and CPU tensors; on a GPU the check would stall every training step on a host
+    synchronisation, so there the caller's t (``torch.rand``, a time grid) is trusted."""
+    if isinstance(t, torch.Tensor):
+        if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+            bad = t[~((t >= 0) & (t <= 1))].flatten()[0].item()
+            raise ValueError(f"{name} must be in [0, 1], got {bad}")
+    elif isinstance(t, numbers.Real) and not 0 <= t <= 1:
+        raise ValueError(f"{name} must be in [0, 1], got {t}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,10 @@ class BlurSchedule:
     logsnr_max: float = 10.0
 
     def __post_init__(self) -> None:
+        for name in ("sigma_blur_max", "d_min", "logsnr_min", "logsnr_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite number, got {value!r}")
         if self.blur not in BLURS:
             raise ValueError(f"blur must be one of {', '.join(BLURS)}, got {self.blur!r}")
         if not 0 <= self.sigma_blur_max <= 1000:  # beyond the image's size every frequency is blurred out anyway
