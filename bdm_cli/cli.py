@@ -311,8 +311,8 @@ def train_cmd(
             cfg = apply_overrides(saved, overrides).validate()
             _check_resume_overrides(saved, cfg)
             if isinstance(state.get("step"), int) and cfg.train.steps < state["step"]:
-                raise UsageError(f"--steps {cfg.train.steps} is below the run's step {state['step']}: give the total to "
-                                 "reach, at least that")
+                raise UsageError(f"train.steps {cfg.train.steps} is below the run's step {state['step']}: give the total "
+                                 "to reach, at least that")
             finished = cfg.train.steps == state.get("step")
         else:
             cfg, finished = load_config(preset or "digits", overrides), False
@@ -573,17 +573,28 @@ def _numbered_samples(out_dir: Path | None):
     """Yields ``save(images, first)`` writing numbered PNGs into ``--out-dir`` (made if missing). A command that fails
     or is stopped before its last sample removes the ones it wrote, and the folders it made, so that the same
     command simply runs again (they would block it) and no half set is taken for a whole one."""
-    from .io import save_numbered
+    from .io import TEMP_SUFFIX, OutputError, save_image
 
     if out_dir is None:
         yield lambda images, first: None
         return
     made, written = first_missing(out_dir), []
+
+    def save(images, first: int) -> None:
+        for j, image in enumerate(images):  # listed before it is written: a stop inside a batch leaves none
+            written.append(out_dir / f"{first + j:06d}.png")
+            try:
+                save_image(image, written[-1], exclusive=True)
+            except OutputError:  # the name is taken (another writer's file) or was never made: not ours to remove
+                written.pop()
+                raise
+
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        yield lambda images, first: written.extend(save_numbered(images, out_dir, first))
+        yield save
     except BaseException:
-        for path in written:
+        # the files this command wrote, and the temporary file of the one a stop interrupted (.NAME.XXXX.bdm.tmp)
+        for path in written + (list(out_dir.glob(f".{written[-1].name}.*{TEMP_SUFFIX}")) if written else []):
             with contextlib.suppress(OSError):
                 path.unlink()
         for folder in [out_dir, *out_dir.parents] if made is not None else []:
@@ -661,22 +672,23 @@ def sample_cmd(
                 snaps.append(st.denoised[:8].float().clamp(-1, 1).cpu())
             bar.update(task, advance=1)
 
-        with _progress("sample") as bar, _numbered_samples(out_dir) as save:
-            task = bar.add_task("sample", total=-(-n // batch_size) * k)
-            for b, x in enumerate(sample_batches(r, n, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler,
-                                                 grid=grid, bf16=bf16, callback=snap, compile=compile)):
-                save(x, b * batch_size)
-                if grid_path is not None and sum(map(len, images)) < GRID_MAX:
-                    images.append(x[: GRID_MAX - sum(map(len, images))].clone())  # memory stays flat for any --n
-        if grid_path is not None:
-            save_image(make_grid(torch.cat(images)), grid_path)
-            out.print(f"Wrote {grid_path}" + (f" (the first {GRID_MAX} samples)" if n > GRID_MAX else ""), highlight=False)
+        with _numbered_samples(out_dir) as save:  # a stop or failure here removes the samples it wrote
+            with _progress("sample") as bar:
+                task = bar.add_task("sample", total=-(-n // batch_size) * k)
+                for b, x in enumerate(sample_batches(r, n, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler,
+                                                     grid=grid, bf16=bf16, callback=snap, compile=compile)):
+                    save(x, b * batch_size)
+                    if grid_path is not None and sum(map(len, images)) < GRID_MAX:
+                        images.append(x[: GRID_MAX - sum(map(len, images))].clone())  # memory stays flat for any --n
+            if grid_path is not None:
+                save_image(make_grid(torch.cat(images)), grid_path)
+                out.print(f"Wrote {grid_path}" + (f" (the first {GRID_MAX} samples)" if n > GRID_MAX else ""), highlight=False)
+            if trajectory is not None and snaps:
+                pick = snaps[:: max(1, len(snaps) // 10)] + ([snaps[-1]] if (len(snaps) - 1) % max(1, len(snaps) // 10) else [])
+                save_image(make_grid(torch.stack(pick, 1).flatten(0, 1), nrow=len(pick)), trajectory)
+                out.print(f"Wrote {trajectory}", highlight=False)
         if out_dir is not None:
             out.print(f"Wrote {n} PNGs to {out_dir}", highlight=False)
-        if trajectory is not None and snaps:
-            pick = snaps[:: max(1, len(snaps) // 10)] + ([snaps[-1]] if (len(snaps) - 1) % max(1, len(snaps) // 10) else [])
-            save_image(make_grid(torch.stack(pick, 1).flatten(0, 1), nrow=len(pick)), trajectory)
-            out.print(f"Wrote {trajectory}", highlight=False)
 
 
 @app.command("fid")

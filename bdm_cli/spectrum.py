@@ -56,7 +56,7 @@ def compare(samples: torch.Tensor | dict, data: torch.Tensor | dict) -> dict:
     ``|log|`` std ratio over all frequencies, as a ratio; ``mean`` and ``data_mean`` are the pixel means."""
     s = samples if isinstance(samples, dict) else image_statistics(samples)
     d = data if isinstance(data, dict) else image_statistics(data)
-    if min(d["std"], d["dct_var_low"], d["dct_var_high"]) <= 0:
+    if min(d["std"], d["dct_var_low"] ** 0.5, d["dct_var_high"] ** 0.5) <= 1e-9:  # round-off of a constant
         raise ValueError("the data is constant (zero variance): there is nothing to compare the samples with")
     per_freq = (s["dct_var"] / d["dct_var"].clamp(min=1e-12)).sqrt()
     return {

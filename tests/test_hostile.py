@@ -1562,3 +1562,45 @@ def test_round_eleven_engine_refuses_what_it_cannot_compute():
         with pytest.raises(kind, match=re.escape(words)):
             call()
     assert diffuse(x, torch.rand(4), noise, s).shape == x.shape and time_grid(s, np.int64(3)).shape == (4,)
+
+
+def test_round_twelve_a_stop_inside_a_batch_leaves_no_sample(tmp_path, monkeypatch):
+    """Round eleven listed a batch's files after the whole batch was saved: a stop inside it left them (and could
+    leave a temporary file); the folder's other files always stay."""
+    from bdm_cli import cli, io
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    real, calls = io.save_image, [0]
+
+    def stopped(image, path, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            (path.parent / f".{path.name}.abcd{io.TEMP_SUFFIX}").write_bytes(b"half")  # what a kill mid-write leaves
+            raise KeyboardInterrupt
+        return real(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(io, "save_image", stopped)
+    for out_dir in (folder, tmp_path / "new" / "sub"):
+        calls[0] = 0
+        with pytest.raises(KeyboardInterrupt), cli._numbered_samples(out_dir) as save:
+            save(torch.zeros(2, 1, 4, 4), 0)
+            save(torch.zeros(3, 1, 4, 4), 2)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"] and not (tmp_path / "new").exists()
+
+
+def test_round_twelve_engine():
+    """eps_loss broadcast a model output of another shape into a finite loss; float16 sampling with blur was all
+    NaN; data constant within each image passed the constant-data check by round-off."""
+    from bdm_cli.engine import BlurSchedule, eps_loss, sample
+    from bdm_cli.spectrum import compare
+
+    s, x = BlurSchedule(sigma_blur_max=2), torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="the model returned"):
+        eps_loss(lambda z, t: torch.zeros(2, 3, 8, 1), x, torch.rand(2), torch.randn_like(x), s)
+    with pytest.raises(TypeError, match="float16"):
+        sample(lambda z, t: torch.zeros_like(z), torch.randn(2, 3, 8, 8).half(), s, 3)
+    assert sample(lambda z, t: torch.zeros_like(z), torch.randn(2, 3, 8, 8).half(), BlurSchedule(sigma_blur_max=0), 3).isfinite().all()
+    with pytest.raises(ValueError, match="constant"):
+        compare(torch.rand(4, 1, 8, 8), torch.rand(4, 1, 1, 1).expand(4, 1, 8, 8))

@@ -47,6 +47,9 @@ def eps_loss(model: Model, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     :func:`diffuse`."""
     z_t = diffuse(x, t, noise, schedule, check_t=check_t)
     eps_hat = model(z_t, t.to(x.dtype))
+    if not isinstance(eps_hat, torch.Tensor) or eps_hat.shape != noise.shape:  # mse_loss would broadcast
+        raise ValueError(f"the model returned {tuple(getattr(eps_hat, 'shape', ())) or type(eps_hat).__name__} for an "
+                         f"input of shape {tuple(z_t.shape)}")
     return F.mse_loss(eps_hat.float(), noise.float())
 
 

@@ -314,6 +314,9 @@ def sample(
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be a whole number between 1 and {MAX_STEPS}, got {steps!r}")
+    if noise.dtype == torch.float16 and schedule.sigma_blur_max > 0:
+        raise TypeError("float16 cannot hold the blur's per-frequency scales (up to 1e5; the samples would be NaN): "
+                        "sample in float32 or bfloat16")
     if noise.ndim != 4 or 0 in noise.shape:
         raise ValueError(f"noise must be [B, C, H, W] with no empty dim, got shape {tuple(noise.shape)}")
     if denoised_range is not None and not (isinstance(denoised_range, (tuple, list)) and len(denoised_range) == 2
