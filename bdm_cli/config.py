@@ -106,6 +106,8 @@ class Config:
         if not 1 <= levels <= 8:  # first: the checks below compute 2^(levels - 1)
             raise ConfigError(f"model.channel_mult must have 1 to 8 levels, got {levels}")
         checks = [
+            (all(r >= 1 for r in self.model.attn_resolutions),
+             f"model.attn_resolutions must be feature map sizes (px) >= 1, got {list(self.model.attn_resolutions)}"),
             (self.sample.sampler in SAMPLERS, f"sample.sampler must be one of {', '.join(SAMPLERS)}"),
             (self.train.compile.lower() in ("auto", "true", "false"), "train.compile must be auto, true or false"),
             (self.sample.grid in ("",) + GRIDS, f"sample.grid must be empty or one of {', '.join(GRIDS)}"),

@@ -31,6 +31,9 @@ def output_file(text: str | Path) -> Path:
     silently drop (``--out new.png/`` wrote the file new.png), so it is refused as cp and open() refuse it."""
     if isinstance(text, str) and text.rstrip().endswith(("/", os.sep, "/.")):
         raise ValueError(f"{text!r} ends with a slash (a folder); give a file name")
+    name = os.path.basename(text) if isinstance(text, str) else ""
+    if name.startswith(".") and name.count(".") == 1 and len(name) > 1:  # ".png": Path reads a hidden file, no suffix
+        raise ValueError(f"{text!r} has no name before its extension; give a file name such as x{name}")
     return user_path(text)
 
 

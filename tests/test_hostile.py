@@ -1604,3 +1604,13 @@ def test_round_twelve_engine():
     assert sample(lambda z, t: torch.zeros_like(z), torch.randn(2, 3, 8, 8).half(), BlurSchedule(sigma_blur_max=0), 3).isfinite().all()
     with pytest.raises(ValueError, match="constant"):
         compare(torch.rand(4, 1, 8, 8), torch.rand(4, 1, 1, 1).expand(4, 1, 8, 8))
+
+
+def test_round_twelve_cli_names(tmp_path):
+    """`--out .png` said "does not end in .png" (Path reads a hidden file without a suffix); attention at sizes
+    below 1 px was only warned about."""
+    r = invoke("schedule-plot", "--out", tmp_path / ".png")
+    assert r.exit_code == 2 and "no name before its extension" in " ".join(r.output.replace("│", " ").split()), r.output
+    assert "model.attn_resolutions must be feature map sizes" in one_line_error(
+        invoke("train", "--preset", "tiny", "--set", "model.attn_resolutions=[-1, 0]", "--out", tmp_path / "r"), 2)
+    assert not (tmp_path / "r").exists() and not (tmp_path / ".png").exists()
