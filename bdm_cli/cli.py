@@ -18,7 +18,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import UsageError, UserError
-from .paths import first_missing, output_file, user_path
+from .paths import first_missing, output_file, remove_empty_folders, user_path
 
 app = typer.Typer(
     name="bdm",
@@ -283,6 +283,7 @@ def train_cmd(
 
     from .checkpoint import CHECKPOINT, checkpoint_config, load_checkpoint
     from .config import apply_overrides, load_config
+    from .data import dataset_source
     from .io import check_writable
     from .runtime import resolve_device
     from .train import RunLocked, train
@@ -328,18 +329,12 @@ def train_cmd(
         except UserError as e:
             raise (UserError(f"{e}; this run was trained there: resume it here with --device cpu (or auto)")
                    if resume and device is None else e) from None
-        if not cfg.data.dataset.strip():  # Path("") is the current folder
-            raise UsageError("no dataset given (data.dataset is empty: an unset shell variable in --data?)")
-        source = user_path(cfg.data.dataset)  # a resume with --data too
-        if source.exists() and not (source.is_dir() or source.is_file()):
-            raise UserError(f"{source} is neither a folder nor a regular file (a pipe or device?)")
+        source = dataset_source(cfg.data.dataset)  # a resume with --data too; before any folder is made
         if finished:  # every option checked, nothing to do: no file of the finished run is rewritten
-            if not source.exists() and cfg.data.dataset not in ("digits", "cifar10"):
-                raise UserError(f"dataset not found: {source} (expected digits, cifar10, a folder or a zip of images)")
             out.print(f"{run_dir} is already at step {cfg.train.steps}: nothing to train (a larger --steps continues it)",
                       highlight=False)
             return
-        if source.exists() and _nested(source, run_dir):
+        if source is not None and _nested(source, run_dir):
             raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
                              "training data, or overwrite its images; choose an --out outside the dataset")
         made = first_missing(run_dir)
@@ -497,11 +492,7 @@ def _remove_unstarted_run(run_dir: Path, made: Path) -> None:
     names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
     if names <= _RUN_FILES and "checkpoint.pt" not in names:
         shutil.rmtree(run_dir, ignore_errors=True)
-        for folder in run_dir.parents:  # the empty folders above it that this command made
-            if folder == made.parent:
-                break
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_empty_folders(run_dir.parent, made)  # the empty folders above it that this command made
 
 
 def _fixed_on_resume(section: str, key: str) -> bool:
@@ -573,35 +564,21 @@ def _numbered_samples(out_dir: Path | None):
     """Yields ``save(images, first)`` writing numbered PNGs into ``--out-dir`` (made if missing). A command that fails
     or is stopped before its last sample removes the ones it wrote, and the folders it made, so that the same
     command simply runs again (they would block it) and no half set is taken for a whole one."""
-    from .io import TEMP_SUFFIX, OutputError, save_image
+    from .io import TEMP_SUFFIX, save_numbered
 
     if out_dir is None:
         yield lambda images, first: None
         return
     made, written = first_missing(out_dir), []
-
-    def save(images, first: int) -> None:
-        for j, image in enumerate(images):  # listed before it is written: a stop inside a batch leaves none
-            written.append(out_dir / f"{first + j:06d}.png")
-            try:
-                save_image(image, written[-1], exclusive=True)
-            except OutputError:  # the name is taken (another writer's file) or was never made: not ours to remove
-                written.pop()
-                raise
-
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        yield save
+        yield lambda images, first: save_numbered(images, out_dir, first, written)
     except BaseException:
         # the files this command wrote, and the temporary file of the one a stop interrupted (.NAME.XXXX.bdm.tmp)
         for path in written + (list(out_dir.glob(f".{written[-1].name}.*{TEMP_SUFFIX}")) if written else []):
             with contextlib.suppress(OSError):
                 path.unlink()
-        for folder in [out_dir, *out_dir.parents] if made is not None else []:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty: files of anyone else stay
-            if folder == made:
-                break
+        remove_empty_folders(out_dir, made)
         raise
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UsageError, UserError
 from .paths import cache_home, user_path
 
-__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "check_not_shadowed", "image_names", "open_image", "why_unreadable", "read_member", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
+__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "check_not_shadowed", "dataset_source", "image_names", "open_image", "why_unreadable", "read_member", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+BUILTINS = ("digits", "cifar10")
 SPLIT_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev"}
 MAX_PIXELS = 8192 * 8192  # 67 megapixels, above any camera's photo: a larger declared size is refused before decoding
 # What reading one image (or zip member) can raise: a bad or truncated file, a corrupt deflate stream (zlib.error),
@@ -264,9 +265,26 @@ def check_not_shadowed(name: str, builtins) -> None:
                         f"pass ./{name} for yours, or run from another folder for the built-in one")
 
 
+def dataset_source(dataset: str) -> Path | None:
+    """What ``data.dataset`` names, checked before anything is read or made: None for a built-in dataset, else the
+    folder or zip of images (which must exist and be one of those)."""
+    check_not_shadowed(dataset, BUILTINS)
+    if dataset in BUILTINS:
+        return None
+    if not dataset.strip():  # Path("") is the current folder
+        raise UsageError("no dataset given (data.dataset is empty: an unset shell variable in --data?): pass a folder "
+                        "or zip of images, digits or cifar10")
+    source = user_path(dataset)
+    if not source.exists():
+        raise DataError(f"dataset not found: {shown(source)} (expected digits, cifar10, a folder or a zip of images)")
+    if not (source.is_dir() or source.is_file()):
+        raise DataError(f"{shown(source)} is neither a folder nor a regular file (a pipe or device?)")
+    return source
+
+
 def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = "train") -> torch.utils.data.Dataset:
     """``digits``, ``cifar10`` (torchvision, cached under $BDM_DATA_DIR or ~/.cache/bdm), or a folder / zip of images."""
-    check_not_shadowed(dataset, ("digits", "cifar10"))
+    source = dataset_source(dataset)
     if dataset == "digits":
         return TensorImages(load_digits(resolution, channels))
     if dataset == "cifar10":
@@ -274,11 +292,4 @@ def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = 
 
         images = cifar10_uint8(split)
         return TensorImages(torch.stack([preprocess(Image.fromarray(a), resolution, channels) for a in images]))
-    if not dataset:
-        raise DataError("no dataset given: pass --data (a folder or zip of images, digits or cifar10)")
-    source = user_path(dataset)
-    if not source.exists():
-        raise DataError(f"dataset not found: {shown(source)} (expected digits, cifar10, a folder or a zip of images)")
-    if not (source.is_dir() or source.is_file()):
-        raise DataError(f"{shown(source)} is neither a folder nor a regular file (a pipe or device?)")
     return FileImages(source, image_names(source, split), resolution, channels)

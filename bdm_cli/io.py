@@ -193,8 +193,17 @@ def save_image(image: torch.Tensor, path: Path | str, scale: int = 1, *, exclusi
     return write_image(img, path, exclusive=exclusive)
 
 
-def save_numbered(images: torch.Tensor, out_dir: Path, first: int) -> list[Path]:
+def save_numbered(images: torch.Tensor, out_dir: Path, first: int, written: list[Path] | None = None) -> list[Path]:
     """Save a batch as ``{index:06d}.png`` from ``first`` on: the file of sample i holds sample i in any batching.
     Never over an existing file: two commands writing one folder at once stop with an error, not a mix of both.
-    Returns the files written."""
-    return [save_image(img, Path(out_dir) / f"{first + j:06d}.png", exclusive=True) for j, img in enumerate(images)]
+    Each file is appended to ``written`` before it is written (a stop inside the batch leaves none unlisted), and
+    taken off again if its name was another writer's. Returns ``written``."""
+    written = [] if written is None else written
+    for j, img in enumerate(images):
+        written.append(Path(out_dir) / f"{first + j:06d}.png")
+        try:
+            save_image(img, written[-1], exclusive=True)
+        except OutputError:  # the name is taken (another writer's file) or was never made: not ours to remove
+            written.pop()
+            raise
+    return written

@@ -3,12 +3,13 @@ parses its options with these before anything heavy loads)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["user_path", "output_file", "home", "cache_home", "first_missing"]
+__all__ = ["user_path", "output_file", "home", "cache_home", "first_missing", "remove_empty_folders"]
 
 
 def user_path(text: str | Path) -> Path:
@@ -63,3 +64,15 @@ def first_missing(path: Path) -> Path | None:
     while not path.parent.exists() and path.parent != path:
         path = path.parent
     return path
+
+
+def remove_empty_folders(path: Path, made: Path | None) -> None:
+    """Remove ``path`` and the folders above it up to ``made`` (what :func:`first_missing` said a command would
+    make), each only if it is empty: a failed command takes back its folders, never anyone's files."""
+    if made is None or (path != made and made not in path.parents):
+        return
+    for folder in [path, *path.parents]:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        if folder == made:
+            break
