@@ -45,6 +45,14 @@ MAX_BATCH = 100_000  # samples or images per batch (bdm fid's bound too)
 MAX_KID_SUBSETS = 10_000
 MAX_SAMPLES = 10_000_000  # bdm sample --n / fid --n: days of sampling at that (names widen past 999999.png)
 
+def _user_path(text: str) -> Path:
+    """The parser of path options: :func:`~bdm_cli.paths.user_path`; an empty one (an unset shell variable) is
+    refused, where ``Path("")`` would silently be the current folder."""
+    if not text.strip():
+        raise typer.BadParameter("is empty (an unset shell variable?); give a path")
+    return user_path(text)
+
+
 def _output_file(text: str) -> Path:
     """The parser of file outputs: :func:`~bdm_cli.paths.output_file`, its refusal as the option's own error."""
     try:
@@ -170,7 +178,7 @@ def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float
 
 @app.command("blur-preview")
 def blur_preview_cmd(
-    image: Annotated[Path, typer.Argument(help="An image file (any format Pillow reads).", parser=user_path)],
+    image: Annotated[Path, typer.Argument(help="An image file (any format Pillow reads).", parser=_user_path)],
     t: Annotated[Optional[list[str]], typer.Option("--t", help="Times in [0, 1]; repeat or comma-separate. Default 0, 0.1, ..., 1.")] = None,
     preset: PresetOpt = "cifar10",
     sigma_blur_max: Annotated[Optional[float], typer.Option(help="Override the preset's blur strength.")] = None,
@@ -270,8 +278,8 @@ def train_cmd(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `bdm presets`) or a .yaml file "
                                                   "(default digits).")] = None,
     data: Annotated[Optional[str], typer.Option(help="digits, cifar10, a folder or a zip of images (data.dataset).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<preset>).", parser=user_path)] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint.", parser=user_path)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<preset>).", parser=_user_path)] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint.", parser=_user_path)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Total training steps (train.steps).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (train.batch_size).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N (train.device).")] = None,
@@ -584,8 +592,8 @@ def _numbered_samples(out_dir: Path | None):
 
 GRID_MAX = 1024  # samples shown in one grid PNG
 RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the newest under ./runs).",
-                                                 parser=user_path)]
-CkptOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file instead of --run.", parser=user_path)]
+                                                 parser=_user_path)]
+CkptOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file instead of --run.", parser=_user_path)]
 
 
 def _check_sampling(n: int, steps: int | None, sampler: str | None, grid: str | None, batch_size: int) -> None:
@@ -611,7 +619,7 @@ def sample_cmd(
     checkpoint: CkptOpt = None,
     n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
     out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Grid PNG (default grid.png unless --out-dir).", parser=_output_file)] = None,
-    out_dir: Annotated[Optional[Path], typer.Option(help="Also write one PNG per sample here (for FID).", parser=user_path)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Also write one PNG per sample here (for FID).", parser=_user_path)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the run's sample.steps).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ancestral | ddim | heun | dpmpp-2m | unipc (default: the run's).")] = None,
     grid: Annotated[Optional[str], typer.Option(help="uniform | logsnr | spectral (default: the sampler's).")] = None,
@@ -673,7 +681,7 @@ def fid_cmd(
     a: Annotated[Optional[str], typer.Argument(help="Folder or zip of images, .npz (mu/sigma, feats for KID), or cifar10-train / cifar10-test / digits.")] = None,
     b: Annotated[Optional[str], typer.Argument(help="The second input (omit with --save-stats or --run).")] = None,
     run: Annotated[Optional[Path], typer.Option("--run", help="Run directory whose samples to score against --ref.",
-                                                parser=user_path)] = None,
+                                                parser=_user_path)] = None,
     checkpoint: CkptOpt = None,
     ref: Annotated[Optional[str], typer.Option(help="Reference for --run: any input form above.")] = None,
     n: Annotated[int, typer.Option("--n", help="Samples to draw with --run.")] = 50_000,
@@ -682,10 +690,10 @@ def fid_cmd(
     grid: Annotated[Optional[str], typer.Option(help="Time grid with --run.")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed with --run.", min=0, max=MAX_SEED)] = 0,
     bf16: Annotated[bool, typer.Option("--bf16", help="With --run: bf16 autocast in the network (CUDA, CPUs with native bf16).")] = False,
-    out_dir: Annotated[Optional[Path], typer.Option(help="With --run, also write the samples as PNGs here.", parser=user_path)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="With --run, also write the samples as PNGs here.", parser=_user_path)] = None,
     save_stats: Annotated[Optional[Path], typer.Option(help="Write mu/sigma (and the KID features) of the (first) input to this .npz.", parser=_output_file)] = None,
     dims: Annotated[int, typer.Option(help="Inception features: 2048 (standard), 768, 192 or 64.")] = 2048,
-    inception_weights: Annotated[Optional[Path], typer.Option(help="FID Inception state dict (else $BDM_INCEPTION_WEIGHTS or pytorch-fid's download).", parser=user_path)] = None,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="FID Inception state dict (else $BDM_INCEPTION_WEIGHTS or pytorch-fid's download).", parser=_user_path)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per Inception batch.")] = 200,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers (default: cores, up to 8).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",

@@ -281,7 +281,8 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         if isinstance(value, str):  # "1,2" or "(1, 2)" as typed; one pair of brackets at most, so "[1][2]" is no 12
             inner = re.fullmatch(r"\s*(?:\[([^][()]*)\]|\(([^][()]*)\)|([^][()]*))\s*", value)
             items = next(g for g in inner.groups() if g is not None).split(",") if inner else [""]
-            items = items[:-1] if len(items) > 1 and not items[-1].strip() else items  # Python's "(16,)"
+            if len(items) > 1 and not items[-1].strip() and items[-2].strip():  # Python's "(16,)"; "," stays bad
+                items = items[:-1]
             if inner is None or (len(items) > 1 and not all(v.strip() for v in items)):
                 raise ConfigError(f"{name} must be a list such as [1, 2], got {reprlib.repr(value)}")
             value = [v for v in items if v.strip()]

@@ -182,6 +182,14 @@ class FileImages(torch.utils.data.Dataset):
                           stacklevel=1)
             return None
 
+    def mode(self, i: int) -> str | None:
+        """Image i's mode as stored, from its header (None if it cannot be read: it is skipped when it is loaded)."""
+        try:
+            with self._open(self.names[i]) as f, open_image(f, self.names[i]) as img:
+                return img.mode
+        except (*READ_ERRORS, DataError):
+            return None
+
     def __getstate__(self):
         return {**self.__dict__, "_zip": None, "_pid": None}  # zip handles do not cross process boundaries
 
@@ -290,6 +298,20 @@ def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = 
     if dataset == "cifar10":
         from PIL import Image
 
+        _warn_if_grey("cifar10", "RGB", channels)
         images = cifar10_uint8(split)
         return TensorImages(torch.stack([preprocess(Image.fromarray(a), resolution, channels) for a in images]))
-    return FileImages(source, image_names(source, split), resolution, channels)
+    images = FileImages(source, image_names(source, split), resolution, channels)
+    if images.names:
+        _warn_if_grey(shown(source), images.mode(0), channels)
+    return images
+
+
+COLOUR_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _warn_if_grey(what: str, mode: str | None, channels: int) -> None:
+    """A colour dataset under a 1-channel config (the digits presets) is trained as grey: said once, not silently."""
+    if channels == 1 and mode in COLOUR_MODES:
+        warnings.warn(f"{what} holds colour images ({mode}) and data.channels is 1: they are trained as grey "
+                      "(set data.channels=3 to keep their colour)", stacklevel=2)

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import UserError
+from .errors import UsageError, UserError
 
 __all__ = ["OutputError", "atomic_write", "atomic_write_bytes", "remove_stale_temps", "to_uint8", "save_image", "save_numbered", "make_grid",
            "check_writable", "check_outputs", "image_format", "write_image"]
@@ -161,7 +161,8 @@ def image_format(path: Path | str) -> str:
     under a .jpg name)."""
     fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise OutputError(f"{path}: cannot tell the image format from its extension; use one of {', '.join(IMAGE_FORMATS)}")
+        # a usage error (exit 2), as schedule-plot's --out of another extension: the option's value is wrong
+        raise UsageError(f"{path}: cannot tell the image format from its extension; use one of {', '.join(IMAGE_FORMATS)}")
     return fmt
 
 

@@ -30,9 +30,13 @@ def user_path(text: str | Path) -> Path:
 def output_file(text: str | Path) -> Path:
     """A file to write, as typed (:func:`user_path`): a name ending in ``/`` means a folder, which ``Path`` would
     silently drop (``--out new.png/`` wrote the file new.png), so it is refused as cp and open() refuse it."""
+    if isinstance(text, str) and not text.strip():
+        raise ValueError("is empty (an unset shell variable?); give a file name")
     if isinstance(text, str) and text.rstrip().endswith(("/", os.sep, "/.")):
         raise ValueError(f"{text!r} ends with a slash (a folder); give a file name")
     name = os.path.basename(text) if isinstance(text, str) else ""
+    if name in (".", ".."):  # "img.png/..": the folder holding img.png
+        raise ValueError(f"{text!r} names a folder ({name}); give a file name")
     if name.startswith(".") and name.count(".") == 1 and len(name) > 1:  # ".png": Path reads a hidden file, no suffix
         raise ValueError(f"{text!r} has no name before its extension; give a file name such as x{name}")
     return user_path(text)

@@ -7,9 +7,12 @@ high-frequency noise raises the DCT std of the highest frequencies above the dat
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .engine import BlurSchedule, dct2
+from .engine.checks import check_images, check_whole
 
 __all__ = ["SATURATED", "band_masks", "image_statistics", "compare"]
 
@@ -19,6 +22,10 @@ SATURATED = 0.9  # |x| above this counts as saturated (the digits' black backgro
 def band_masks(height: int, width: int, fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean [H, W] masks of the lowest and the highest ``fraction`` of the non-DC DCT frequencies, ordered by
     ``lambda = (pi k / H)^2 + (pi l / W)^2`` (the blur's own order: the lowest are blurred last)."""
+    check_whole(height, "height")
+    check_whole(width, "width")
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 0.5:
+        raise ValueError(f"fraction must be a number in (0, 0.5] (the low and high bands must not overlap), got {fraction!r}")
     if height * width < 3:  # a low and a high band of non-DC frequencies need two of them
         raise ValueError(f"band_masks needs images of at least 3 pixels, got {height} x {width}")
     lam = BlurSchedule.frequencies(height, width).flatten()
@@ -32,15 +39,17 @@ def band_masks(height: int, width: int, fraction: float = 0.1) -> tuple[torch.Te
 @torch.no_grad()
 def image_statistics(x: torch.Tensor) -> dict:
     """Pixel and per-frequency statistics of images ``x`` [N, C, H, W] in [-1, 1] (float64 sums)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():  # uint8 0..255 in [-1, 1] is all saturated
+        raise TypeError(f"image_statistics needs float images in [-1, 1], got {getattr(x, 'dtype', type(x).__name__)}")
     if x.ndim != 4 or x.shape[0] < 2:  # a variance over images needs two of them
         raise ValueError(f"image_statistics needs [N, C, H, W] with N >= 2 images, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():  # uint8 0..255 read as [-1, 1] would be all saturated
-        raise TypeError(f"image_statistics needs float images in [-1, 1], got {x.dtype}")
+    check_images(x)
     x = x.double()
     var_u = dct2(x).var(0, unbiased=True).mean(0)  # [H, W], averaged over channels
     low, high = band_masks(*x.shape[-2:])
     return {
         "n": x.shape[0],
+        "shape": tuple(x.shape[1:]),  # [C, H, W]: compare() needs images of one shape
         "saturated": (x.abs() > SATURATED).double().mean().item(),
         "mean": x.mean().item(),
         "std": x.std().item(),
@@ -56,6 +65,9 @@ def compare(samples: torch.Tensor | dict, data: torch.Tensor | dict) -> dict:
     ``|log|`` std ratio over all frequencies, as a ratio; ``mean`` and ``data_mean`` are the pixel means."""
     s = samples if isinstance(samples, dict) else image_statistics(samples)
     d = data if isinstance(data, dict) else image_statistics(data)
+    if s["shape"] != d["shape"]:  # a grey sample's statistics against colour data's mean nothing
+        raise ValueError(f"samples of shape [C, H, W] = {list(s['shape'])} against data of shape {list(d['shape'])}: "
+                         "compare images of one shape")
     if min(d["std"], d["dct_var_low"] ** 0.5, d["dct_var_high"] ** 0.5) <= 1e-9:  # round-off of a constant
         raise ValueError("the data is constant (zero variance): there is nothing to compare the samples with")
     per_freq = (s["dct_var"] / d["dct_var"].clamp(min=1e-12)).sqrt()

@@ -70,7 +70,7 @@ def test_output_format_follows_the_extension_or_is_refused(good_run, tmp_path):
     r = invoke("sample", "--run", good_run, "--n", 2, "--steps", 2, "--out", tmp_path / "grid.jpg")
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "grid.jpg").format == "JPEG"
-    msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--steps", 2, "--out", tmp_path / "grid.foo"), 1)
+    msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--steps", 2, "--out", tmp_path / "grid.foo"), 2)
     assert "extension" in msg and not (tmp_path / "grid.foo").exists()
     msg = one_line_error(invoke("schedule-plot", "--preset", "tiny", "--out", tmp_path / "s.png", "--format", "svg"), 2)
     assert ".svg" in msg
@@ -1547,7 +1547,7 @@ def test_round_eleven_engine_refuses_what_it_cannot_compute():
         (lambda: time_grid(s, 0), ValueError, "steps must be a whole number"),
         (lambda: time_grid(s, 2.5), ValueError, "steps must be a whole number"),
         (lambda: dct_matrix(4, torch.int64), TypeError, "floating-point"),
-        (lambda: dct_matrix(0), ValueError, "n >= 1"),
+        (lambda: dct_matrix(0), ValueError, "n must be a whole number >= 1"),
         (lambda: dct2(torch.zeros(2, 0, 0)), ValueError, "at least 1 x 1"),
         (lambda: BlurSchedule(sigma_blur_max="20"), TypeError, "finite number"),
         (lambda: sample(zero, noise, s, True), ValueError, "steps must be a whole number"),
@@ -1614,3 +1614,67 @@ def test_round_twelve_cli_names(tmp_path):
     assert "model.attn_resolutions must be feature map sizes" in one_line_error(
         invoke("train", "--preset", "tiny", "--set", "model.attn_resolutions=[-1, 0]", "--out", tmp_path / "r"), 2)
     assert not (tmp_path / "r").exists() and not (tmp_path / ".png").exists()
+
+
+def test_round_thirteen_engine_arguments():
+    """Round twelve's leftovers in the Python API: an unknown sampler in nfe (KeyError-free but silently 2 steps), time
+    grids for sizes 0 or 8.5, band fractions outside (0, 0.5] (overlapping bands), statistics of images of other
+    shapes compared, a [C, H, W] image or times of another count broadcast into more images, numpy arrays failing
+    inside torch."""
+    from bdm_cli.engine import BlurSchedule, dct2, denoise_mean_var, diffuse, nfe, time_grid
+    from bdm_cli.spectrum import band_masks, compare, image_statistics
+
+    s = BlurSchedule(sigma_blur_max=2)
+    x, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    cases = [
+        (lambda: nfe("bogus", 3), ValueError, "sampler must be one of"),
+        (lambda: nfe("ddim", 0), ValueError, "steps must be a whole number"),
+        (lambda: time_grid(s, 3, "spectral", (0, 8)), ValueError, "size's height and width"),
+        (lambda: time_grid(s, 3, "spectral", (8.5, 8)), ValueError, "size's height and width"),
+        (lambda: time_grid(s, 3, "spectral", 8), ValueError, "(height, width)"),
+        (lambda: band_masks(8, 8, 0.7), ValueError, "fraction must be a number in (0, 0.5]"),
+        (lambda: band_masks(8, 8, 0), ValueError, "fraction must be a number in (0, 0.5]"),
+        (lambda: band_masks(8.0, 8), ValueError, "height must be a whole number"),
+        (lambda: compare(x[:, :1], x), ValueError, "compare images of one shape"),
+        (lambda: compare(torch.rand(4, 3, 4, 4), x), ValueError, "compare images of one shape"),
+        (lambda: image_statistics(x.numpy()), TypeError, "float images"),
+        (lambda: diffuse(x[0], torch.rand(1), noise[0], s), ValueError, "x must be [B, C, H, W]"),
+        (lambda: diffuse(x[:1], torch.rand(4), noise[:1], s), ValueError, "x holds 1 images but 4 times were given"),
+        (lambda: diffuse(x.numpy(), 0.5, noise.numpy(), s), TypeError, "x must be a torch.Tensor"),
+        (lambda: diffuse(x, [0.5] * 4, noise, s), TypeError, "t must be a tensor or a number"),
+        (lambda: denoise_mean_var(x, 0.5, 0.2, noise.numpy(), s), ValueError, "eps_hat must have z_t's shape"),
+        (lambda: denoise_mean_var(x, torch.full((3,), 0.5), 0.2, noise, s), ValueError, "3 times were given"),
+        (lambda: dct2(np.zeros((2, 4, 4))), TypeError, "need a torch.Tensor"),
+    ]
+    for call, kind, words in cases:
+        with pytest.raises(kind, match=re.escape(words)):
+            call()
+    # what stays accepted: one time for the whole batch, numpy integers, a torch.Size
+    assert diffuse(x, 0.5, noise, s).shape == x.shape and diffuse(x, np.float64(0.5), noise, s).shape == x.shape
+    assert time_grid(s, 3, "spectral", torch.Size([8, 8])).shape == (4,) and nfe("heun", np.int64(3)) == 6
+    assert band_masks(8, 8, 0.5)[0].sum() == 32
+
+
+def test_round_thirteen_cli(tmp_path):
+    """An empty path (an unset shell variable) was the current folder: `--out ""` said ". does not end in .png" or
+    ". holds files"; `--out img.png/..` said the folder img.png does not exist; an unknown image extension was
+    exit 1 in blur-preview and 2 in schedule-plot; `attn_resolutions=,` was an empty list; colour data trained as
+    grey under a 1-channel preset without a word."""
+    def words(r):
+        return " ".join(r.output.replace("│", " ").split())
+
+    for args in (("schedule-plot", "--out", ""), ("train", "--out", "", "--steps", 1), ("sample", "--run", ""),
+                 ("blur-preview", "x.png", "--out", ""), ("fid", "digits", "--save-stats", "")):
+        r = invoke(*args)
+        assert r.exit_code == 2 and "is empty (an unset shell variable?)" in words(r), (args, r.output)
+    r = invoke("schedule-plot", "--out", tmp_path / "img.png" / "..")
+    assert r.exit_code == 2 and "names a folder (..)" in words(r), r.output
+    image = _images(tmp_path / "imgs", n=1, size=16) / "0.png"
+    assert "cannot tell the image format" in one_line_error(invoke("blur-preview", image, "--out", tmp_path / "x.xyz"), 2)
+    assert "must be a list such as [1, 2]" in one_line_error(
+        invoke("train", "--preset", "tiny", "--set", "model.attn_resolutions=,", "--out", tmp_path / "r"), 2)
+    with pytest.warns(UserWarning, match=re.escape("holds colour images (RGB) and data.channels is 1")):
+        r = invoke("train", "--preset", "tiny", "--data", _images(tmp_path / "colour", n=8, size=8), "--steps", 1,
+                   "--out", tmp_path / "grey")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["colour", "grey", "imgs"]

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import torch
+
+from .checks import check_whole
 
 __all__ = ["dct2", "idct2", "dct_matrix"]
 
@@ -34,8 +35,7 @@ _cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
     """The n x n orthonormal DCT-II matrix ``C`` (``dct(x) = C @ x``, ``C^-1 = C^T``)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"dct_matrix needs a whole number n >= 1, got {n!r}")
+    check_whole(n, "n")
     if not dtype.is_floating_point:  # an integer matrix rounds every entry (all below 1) to 0
         raise TypeError(f"dct_matrix needs a floating-point dtype, got {dtype}")
     key = (n, dtype, torch.device(device))
@@ -47,6 +47,8 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device 
 
 
 def _check(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"dct2/idct2 need a torch.Tensor, got {type(x).__name__}")
     if x.ndim < 2:
         raise ValueError(f"dct2/idct2 need at least 2 dims, got shape {tuple(x.shape)}")
     if not x.is_floating_point():

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from .dct import dct2, idct2
-from .schedule import BlurSchedule, check_times
+from .checks import check_images, check_times
+from .schedule import BlurSchedule
 
 __all__ = ["diffuse", "eps_loss", "denoise_mean_var", "posterior_coefficients", "Model"]
 
@@ -35,8 +36,9 @@ def diffuse(x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: Blu
     """
     if check_t:
         check_times(t)
-    if noise.shape != x.shape:  # broadcasting [B, 1, H, W] noise would give every channel the same noise
-        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    check_images(x, "x", batch=t)
+    if not isinstance(noise, torch.Tensor) or noise.shape != x.shape:  # broadcasting [B, 1, H, W] noise would give every channel the same noise
+        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
     alpha, sigma = _alpha_sigma64(schedule, t, x)
     return idct2(alpha.to(x.dtype) * dct2(x)) + sigma.to(x.dtype) * noise
 
@@ -79,10 +81,13 @@ def denoise_mean_var(z_t, t, s, eps_hat, schedule: BlurSchedule, delta: float = 
     ``mean`` has ``z_t``'s shape (pixel space); ``var`` is [B, 1, H, W] in DCT space, so a
     sample is ``mean + IDCT(sqrt(var) * e)`` with ``e`` standard normal.
     """
-    if eps_hat.shape != z_t.shape:
-        raise ValueError(f"eps_hat must have z_t's shape {tuple(z_t.shape)}, got {tuple(eps_hat.shape)}")
     check_times(t)
     check_times(s, "s")
+    check_images(z_t, "z_t", batch=t)
+    check_images(z_t, "z_t", batch=s)
+    if not isinstance(eps_hat, torch.Tensor) or eps_hat.shape != z_t.shape:
+        raise ValueError(f"eps_hat must have z_t's shape {tuple(z_t.shape)}, got "
+                         f"{tuple(getattr(eps_hat, 'shape', ())) or type(eps_hat).__name__}")
     if not isinstance(t, torch.Tensor) or t.device.type == "cpu":  # as check_times: no host sync on a GPU
         if not bool((torch.as_tensor(s, dtype=torch.float64) < torch.as_tensor(t, dtype=torch.float64)).all()):
             raise ValueError(f"denoise_mean_var needs s < t, got s={s} and t={t}")

@@ -20,13 +20,13 @@ computed once per call, in float64, for every step, and :class:`_Predictor` is t
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Callable, Sequence
 
 import torch
 
+from .checks import check_images, check_whole
 from .dct import dct2, idct2
 from .diffusion import Model, posterior_coefficients
 from .schedule import BlurSchedule
@@ -49,6 +49,9 @@ def default_grid(sampler: str) -> str:
 def nfe(sampler: str, steps: int) -> int:
     """Network evaluations a call of :func:`sample` makes: one per step (Heun: two per step but the last), and for the
     deterministic samplers one more at t = 0, whose x prediction is the sample."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    check_whole(steps, "steps")
     if sampler == "ancestral":
         return steps
     return 2 * steps if sampler == "heun" else steps + 1
@@ -66,8 +69,11 @@ def time_grid(schedule: BlurSchedule, steps: int, grid: str = "uniform", size: t
       spends steps there. Without blur it is exactly the ``logsnr`` grid.
       ``size`` is the image size (H, W) that sets the frequencies.
     """
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    check_whole(steps, "steps")
+    if not (isinstance(size, (tuple, list, torch.Size)) and len(size) == 2):
+        raise ValueError(f"size must be the image's (height, width), got {size!r}")
+    for side in size:
+        check_whole(side, "size's height and width")
     if grid == "uniform":
         return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     if grid == "logsnr" or (grid == "spectral" and schedule.sigma_blur_max == 0):
@@ -312,13 +318,11 @@ def sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be a whole number between 1 and {MAX_STEPS}, got {steps!r}")
+    check_whole(steps, "steps", 1, MAX_STEPS)
+    check_images(noise, "noise")
     if noise.dtype == torch.float16 and schedule.sigma_blur_max > 0:
         raise TypeError("float16 cannot hold the blur's per-frequency scales (up to 1e5; the samples would be NaN): "
                         "sample in float32 or bfloat16")
-    if noise.ndim != 4 or 0 in noise.shape:
-        raise ValueError(f"noise must be [B, C, H, W] with no empty dim, got shape {tuple(noise.shape)}")
     if denoised_range is not None and not (isinstance(denoised_range, (tuple, list)) and len(denoised_range) == 2
                                            and all(isinstance(b, torch.Tensor) for b in denoised_range)):
         raise TypeError("denoised_range must be a pair of tensors (low_u, high_u), each [C, H, W] in DCT space")
