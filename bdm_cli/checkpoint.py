@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import pickle
 import reprlib
 import zipfile
@@ -104,6 +105,12 @@ def check_resumable(state: dict, path: Path, world: int) -> None:
     if not ok:
         raise CheckpointError(f"{path} cannot be resumed: it holds no optimizer or random-generator state (a weights-only or "
                               "foreign checkpoint; start a new run and load nothing, or sample from it)")
+    per_param = state["opt"].get("state")
+    if not isinstance(per_param, dict) or not all(
+            isinstance(v, dict) and all(isinstance(x, (torch.Tensor, numbers.Real)) for x in v.values())
+            for v in per_param.values()):  # torch's own error would show a Python object's repr
+        raise CheckpointError(f"{path} cannot be resumed: its optimizer state is damaged (each parameter's state must hold "
+                              "tensors and numbers)")
 
 
 def check_data_stats(stats: dict | None, cfg: Config, path: Path) -> None:

@@ -82,7 +82,7 @@ def user_errors():
     except Exception as e:  # the machine's limits and toolchain, not a bug: one line that says what to do
         text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _OUT_OF_MEMORY.search(str(e))):
-            _error(f"out of memory ({text}): lower --batch-size (or --n, --size), or use a machine with more memory")
+            _error(f"out of memory ({text}): lower --batch-size (or --n, --size, or the model's size: model.channels, model.num_res_blocks), or use a machine with more memory")
         elif type(e).__name__ in ("InductorError", "BackendCompilerFailed", "InvalidCxxCompiler"):  # torch.compile's
             _error(f"torch.compile failed ({type(e).__name__}: {text}): run without --compile (train.compile=false), "
                    "or install a working C++ compiler")
@@ -143,7 +143,7 @@ def presets_cmd(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="A
 def _number(text: str) -> float | None:
     """A decimal number as typed (``0.5``, ``1e-3``), else None: Python's float() also reads ``0_5`` as five."""
     text = text.strip()
-    return float(text) if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text) else None
+    return float(text) if re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text) else None  # ASCII digits
 
 
 def _t_values(ts: list[str] | None) -> list[float]:
@@ -158,7 +158,7 @@ def _t_values(ts: list[str] | None) -> list[float]:
             if not 0.0 <= t <= 1.0:
                 raise UsageError(f"--t must be in [0, 1], got {part.strip()}")  # as typed: 1.0000000001 is not "1"
             values.append(t)
-    return values
+    return values  # a time twice is the same column twice, harmless (--compare refuses it: its lines would hide)
 
 
 def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float | None, blur: str | None):
@@ -287,6 +287,7 @@ def train_cmd(
     sets: SetOpt = None,
 ):
     """Train a model; `torchrun --nproc_per_node N -m bdm_cli train ...` for several GPUs (or CPU processes)."""
+    import dataclasses
     import os
 
     from .checkpoint import CHECKPOINT, checkpoint_config, load_checkpoint
@@ -316,7 +317,9 @@ def train_cmd(
                 if (run_dir / name).exists():
                     check_writable(run_dir / name)
             saved = checkpoint_config(state)
-            _check_config_file(run_dir, saved)
+            asked = _check_config_file(run_dir, saved)
+            if asked is not None and asked != saved.train.steps:  # an edit, or a --steps resume stopped before its
+                overrides = [f"train.steps={asked}", *overrides]  # checkpoint: reached unless --steps says otherwise
             cfg = apply_overrides(saved, overrides).validate()
             _check_resume_overrides(saved, cfg)
             if isinstance(state.get("step"), int) and cfg.train.steps < state["step"]:
@@ -337,7 +340,7 @@ def train_cmd(
         except UserError as e:
             raise (UserError(f"{e}; this run was trained there: resume it here with --device cpu (or auto)")
                    if resume and device is None else e) from None
-        source = dataset_source(cfg.data.dataset)  # a resume with --data too; before any folder is made
+        source = dataset_source(cfg.data.dataset, cfg.data.split)  # a resume with --data too; before any folder is made
         if finished:  # every option checked, nothing to do: no file of the finished run is rewritten
             out.print(f"{run_dir} is already at step {cfg.train.steps}: nothing to train (a larger --steps continues it)",
                       highlight=False)
@@ -345,6 +348,12 @@ def train_cmd(
         if source is not None and _nested(source, run_dir):
             raise UsageError(f"--out {run_dir} and the dataset {source} overlap: the run's sample grids would become "
                              "training data, or overwrite its images; choose an --out outside the dataset")
+        if source is not None and not source.is_absolute():
+            if resume and data is None:  # a run from before datasets were stored whole: read from where it resumes
+                _say("[yellow]Warning:[/]", f"the run's dataset {cfg.data.dataset} is a relative path: reading "
+                     f"{os.path.abspath(source)} (pass --data to choose another)")
+            # stored whole: a resume from another folder reads the same data, never another folder of that name
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=os.path.abspath(source)))
         made = first_missing(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         rank = os.environ.get("RANK", "").strip()
@@ -416,17 +425,18 @@ def _check_new_run_dir(run_dir: Path) -> None:
                          "another --out")
 
 
-def _check_config_file(run_dir: Path, saved) -> None:
+def _check_config_file(run_dir: Path, saved) -> int | None:
     """--resume continues the checkpoint's config and rewrites config.yaml from it: a config.yaml edited by hand
-    would be silently ignored, then lost; refused instead, naming the first difference (train.steps aside, which a
-    resume with --steps changes before its first checkpoint)."""
+    would be silently ignored, then lost; refused instead, naming the first difference. train.steps aside: a resume
+    with --steps writes it before its first checkpoint, and it may be edited to train on; returned (None if the
+    file has none), as the steps the run was last asked to reach."""
     import yaml
 
     from .config import to_dict
 
     path = run_dir / "config.yaml"
     if not path.is_file():
-        return
+        return None
     try:
         mine = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -448,6 +458,10 @@ def _check_config_file(run_dir: Path, saved) -> None:
                 raise UsageError(f"{path} was changed since the run wrote it ({section}.{key}: {mine[section][key]!r} there, "
                                  f"{value!r} in the checkpoint); --resume continues the checkpoint's config: restore the "
                                  f"file, then {how}")
+    steps = (mine.get("train") or {}).get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
+        raise UsageError(f"{path}: train.steps is {steps!r}, not a whole number: restore it, or give --steps")
+    return steps
 
 
 class _Signalled(KeyboardInterrupt):
@@ -784,7 +798,10 @@ def fid_cmd(
                 progress = lambda k: bar.update(task, advance=k)  # noqa: E731
                 second = (ref or a) if sampling else b
                 # the reference first: an empty or unreadable one fails before minutes of sampling
-                stats2 = fid.stats_of(second, model, progress=progress, on_count=counted("second input"), **opts) if second else None
+                # the digits reference at the size the run was trained at (the digits preset's 16 otherwise)
+                size = {"digits_size": loaded.cfg.data.resolution} if sampling else {}
+                stats2 = fid.stats_of(second, model, progress=progress, on_count=counted("second input"), **opts,
+                                      **size) if second else None
                 if sampling:
                     stats1 = _fid_of_samples(loaded, n, steps, sampler, grid, seed, bf16, batch_size, out_dir, model,
                                              dims, dev, counted("first input"), progress)

@@ -23,9 +23,10 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
+from .paths import user_path
 from .engine import GRIDS, SAMPLERS, BlurSchedule
 
-__all__ = ["Config", "ConfigError", "MAX_WORKERS", "load_config", "list_presets", "preset_path", "apply_overrides", "to_dict", "from_dict"]
+__all__ = ["Config", "ConfigError", "DEVICES", "MAX_WORKERS", "load_config", "list_presets", "preset_path", "apply_overrides", "to_dict", "from_dict"]
 
 
 MAX_WORKERS = 64  # data loader processes: data.num_workers, and bdm fid --workers
@@ -129,11 +130,16 @@ class Config:
             (0 <= self.train.seed < 2**63, "train.seed must be in 0 .. 2^63-1"),
             (min(self.train.log_every, self.train.sample_every, self.train.checkpoint_every) >= 0,
              "train.log_every, train.sample_every and train.checkpoint_every must be >= 0 (0: never)"),
-            (_DEVICE.fullmatch(self.train.device) is not None, f"train.device must be auto, cpu, cuda, cuda:N or mps, "
+            (DEVICES.fullmatch(self.train.device) is not None, f"train.device must be auto, cpu, cuda, cuda:N or mps, "
                                                                f"got {self.train.device!r}"),
             (0 <= self.model.dropout < 1, f"model.dropout must be in [0, 1), got {self.model.dropout:g}"),
             (self.model.num_heads >= 1 and self.model.num_res_blocks >= 1 and min(self.model.channel_mult, default=0) >= 1,
              "model.num_heads, model.num_res_blocks and every model.channel_mult must be >= 1"),
+            # far above any published UNet (ADM: 256 channels, 3 blocks, x4): beyond, building the model alone takes
+            # minutes to end out of memory
+            (self.model.channels <= 4096 and self.model.num_res_blocks <= 64 and max(self.model.channel_mult) <= 64,
+             f"model.channels must be <= 4096, model.num_res_blocks <= 64 and every model.channel_mult <= 64, got "
+             f"{self.model.channels}, {self.model.num_res_blocks} and {list(self.model.channel_mult)}"),
             (self.model.num_heads < 1 or all(self.model.channels * m % self.model.num_heads == 0 for m in self.model.channel_mult),
              f"model.num_heads={self.model.num_heads} must divide every level's width (model.channels x channel_mult)"),
             (0 <= self.data.num_workers <= MAX_WORKERS,
@@ -153,7 +159,7 @@ class Config:
 
 
 MAX_RESOLUTION = 1024  # LSUN-scale images and beyond; larger would not fit a UNet in memory anyway
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+DEVICES = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")  # as torch spells them (ASCII digits: \d takes any script's)
 
 
 # -- presets ----------------------------------------------------------------------
@@ -177,11 +183,14 @@ def list_presets() -> dict[str, str]:
 
 def preset_path(name: str) -> Path:
     """A built-in preset's name, or a user's own preset file: a name ending in .yaml/.yml or holding a folder part."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or os.sep in name or (os.altsep and os.altsep in name):
+    path = user_path(name)  # --preset=~/p.yaml reaches bdm unexpanded
+    if path.suffix.lower() in (".yaml", ".yml") or os.sep in name or (os.altsep and os.altsep in name):
         if path.is_file():
-            if path.suffix not in (".yaml", ".yml"):
+            if path.suffix.lower() not in (".yaml", ".yml"):
                 raise ConfigError(f"preset file {name} must end in .yaml or .yml")
+            if not path.stem.strip("."):  # "...yaml": the run folder runs/<name> would be runs/.. or runs/.
+                raise ConfigError(f"preset file {name} has no name before its extension (runs are named after it): "
+                                  "rename it")
             return path
         if path.exists():
             raise ConfigError(f"preset {name} is not a regular file (a folder, pipe or device)")
@@ -293,12 +302,17 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         return tuple(_coerce(v, typing.get_args(typ)[0], name) for v in value)
     try:
         if typ is bool:
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-                return value.lower() in ("true", "yes", "1", "on")
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):  # YAML's words
+                return value.lower() in ("true", "yes", "on")
             if isinstance(value, bool):
                 return value
             raise ValueError
+        if typ in (int, float) and isinstance(value, str) and not value.isascii():
+            raise ValueError  # int("١٢") is 12: digits of other scripts are no typo bdm should read
         if typ is int:
+            if isinstance(value, float) and value.is_integer() and abs(value) >= 2**53:
+                raise ConfigError(f"{name}: {value:.0f} was read as a decimal number, rounded past 2^53: write it "
+                                  "without a decimal point or exponent")
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             value = int(value)
@@ -310,7 +324,11 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
                 raise ValueError
             return float(value)
         if typ is str:
-            return "" if value is None else str(value)
+            if not isinstance(value, str):  # YAML reads `dataset: 01` as 1 and `split: yes` as True: never retyped
+                kind = "nothing" if value is None else f"the {type(value).__name__} {reprlib.repr(value)}"
+                raise ConfigError(f"{name} must be text, but YAML read {kind} there: quote the value "
+                                  f"({name.split('.')[-1]}: '...')")
+            return value
     except (TypeError, ValueError, OverflowError):
         what = {float: "a finite number", int: "a whole number (64-bit)", bool: "true or false"}.get(typ, typ.__name__)
         shown = reprlib.repr(value)  # bounded, however large the value
@@ -360,9 +378,10 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         if parent is not None and (not isinstance(parent, str) or not parent):  # extends: 0 / false / "" meant something
             raise ConfigError(f"{path.name}: 'extends' must name a preset or a .yaml file, got {parent!r}")
         if parent:
-            beside = path.parent / parent
-            if Path(parent).suffix in (".yaml", ".yml") and not Path(parent).is_absolute() and beside.is_file():
-                parent = str(beside)  # a file named by a preset is found beside that preset, not in the current folder
+            if Path(parent).suffix.lower() in (".yaml", ".yml") or "/" in parent:
+                # a file named by a preset is found beside that preset (or where it says: ~/ or /), never in the
+                # current folder: the same preset gives the same config wherever it is run from
+                parent = str(path.parent / user_path(parent))
             cfg = load_config(parent, (), _seen + (key,))
         cfg = replace(_merge(cfg, data, path.name), preset=path.stem)
     return apply_overrides(cfg, overrides).validate()
@@ -417,5 +436,9 @@ def from_dict(data: dict) -> Config:
     """Inverse of :func:`to_dict` (used for configs stored in checkpoints and run directories)."""
     data = dict(data)
     preset = data.pop("preset", "")
+    missing = [f.name for f in fields(Config) if f.name != "preset" and f.name not in data]
+    if missing:  # bdm saves every section: defaults here would pass for what the run was trained with
+        raise ConfigError(f"saved config has no {', '.join(missing)} section (a damaged or foreign checkpoint or "
+                          "config.yaml)")
     return replace(_merge(Config(), data, "saved config"), preset=str(preset or "")).validate()
 

@@ -8,15 +8,16 @@ import shutil
 import warnings
 import zipfile
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UsageError, UserError
-from .paths import cache_home, user_path
+from .paths import cache_home, first_missing, user_path
 
-__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "check_not_shadowed", "dataset_source", "image_names", "open_image", "why_unreadable", "read_member", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
+__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "check_not_shadowed", "dataset_source", "image_names", "open_image", "to_8bit", "why_unreadable", "read_member", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BUILTINS = ("digits", "cifar10")
@@ -70,6 +71,31 @@ def open_image(fp, name: str | Path):
     return img
 
 
+def to_8bit(img):
+    """Any image as 8-bit ``L`` or ``RGB``, as training and FID both read it: float pixels in [0, 1] or 0..255,
+    16-bit ones scaled to 8, transparency over white, other colour spaces (CMYK, YCbCr, LAB, HSV) as RGB."""
+    from PIL import Image
+
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():  # one NaN would make max() NaN and the whole image black
+            raise ValueError(f"{np.size(arr) - np.isfinite(arr).sum()} of its pixels are not finite numbers (NaN or inf)")
+        # [0, 1] (HDR/scientific TIFFs; highlights above 1 are clipped) or 0..255: told apart by the 99th percentile,
+        # so that one bright pixel does not turn a [0, 1] image into a black 0..255 one
+        img = Image.fromarray(np.clip(np.round(arr * (255.0 if np.percentile(arr, 99) <= 1.0 else 1.0)), 0, 255)
+                              .astype(np.uint8))
+    if img.mode.startswith("I"):
+        # 16-bit: 0..65535 maps to 0..255 (65535 / 257 = 255); 32-bit 'I' holding 8-bit values stays as is.
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if img.mode.startswith("I;16") or arr.max() > 255 else 1.0
+        img = Image.fromarray(np.clip(np.round(arr / scale), 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)  # transparent areas become white, not black
+    return img if img.mode in ("L", "RGB") else img.convert("RGB")  # LAB converts to RGB only, not to L
+
+
 def preprocess(img, resolution: int, channels: int = 3) -> torch.Tensor:
     """A PIL image to a [C, R, R] float tensor in [-1, 1]: convert mode, center-crop to a square,
     resize with antialiasing (as EDM's dataset tool and ADM do)."""
@@ -78,21 +104,7 @@ def preprocess(img, resolution: int, channels: int = 3) -> torch.Tensor:
     # draft() lets JPEG decode at a reduced scale: huge photos never decode at full size.
     img.draft("L" if channels == 1 else "RGB", (resolution, resolution))
     img = ImageOps.exif_transpose(img)  # a phone's portrait photo is stored sideways with an orientation tag
-    if img.mode == "F":  # 32-bit float: [0, 1] (HDR/scientific TIFFs) or 0..255
-        arr = np.asarray(img, dtype=np.float64)
-        if not np.isfinite(arr).all():  # one NaN would make max() NaN and the whole image black
-            raise ValueError(f"{np.size(arr) - np.isfinite(arr).sum()} of its pixels are not finite numbers (NaN or inf)")
-        img = Image.fromarray(np.clip(np.round(arr * (255.0 if arr.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8))
-    if img.mode.startswith("I"):
-        # 16-bit: 0..65535 maps to 0..255 (65535 / 257 = 255); 32-bit 'I' holding 8-bit values stays as is.
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 257.0 if img.mode.startswith("I;16") or arr.max() > 255 else 1.0
-        img = Image.fromarray(np.clip(np.round(arr / scale), 0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "P", "PA"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)  # transparent areas become white, not black
-    img = img.convert("L" if channels == 1 else "RGB")
+    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -195,18 +207,21 @@ class FileImages(torch.utils.data.Dataset):
 
 
 def image_names(source: Path, split: str) -> list[str]:
-    """Sorted image paths (relative, '/'-separated) in a folder (recursive) or zip, under ``split/`` if that exists."""
-    import zipfile
+    """The images of a folder (recursive) or zip, under ``split/`` if that exists, sorted by their relative
+    '/'-separated paths (a zip's by its member names, which Windows tools may write with '\\')."""
 
+    members = {}  # a zip's member names as written by Windows tools ("train\\0.png"), by their '/'-separated names
     if source.is_dir():
-        names = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        names = sorted(_image_files(source))
     elif zipfile.is_zipfile(source):
         try:
             with zipfile.ZipFile(source) as z:
-                names = sorted(n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX"))
-            if len(set(names)) < len(names):  # zipfile reads only the last of members with one name
-                dup = next(n for i, n in enumerate(names[1:]) if n == names[i])
+                images = [n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX")]
+            members = {n.replace("\\", "/"): n for n in images}
+            if len(members) < len(images):  # zipfile reads only the last of members with one name
+                dup = next(n for n, k in Counter(n.replace("\\", "/") for n in images).items() if k > 1)
                 raise DataError(f"the zip {shown(source)} holds several members named {shown(dup)!r}; only one could be read")
+            names = sorted(members)
         except (*READ_ERRORS, zipfile.LargeZipFile) as e:
             raise DataError(f"cannot read the zip {shown(source)}: its directory is damaged ({type(e).__name__}: {shown(e)})") from None
     else:
@@ -234,6 +249,25 @@ def image_names(source: Path, split: str) -> list[str]:
                                 f"--set data.split=NAME, or --set data.split= for every image")
     if not names:
         raise DataError(f"no images found in {shown(source)}" + (f" (split {split!r})" if split else ""))
+    return [members.get(n, n) for n in names]
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Image files under ``folder`` as '/'-separated relative names, following symbolic links to folders (a dataset
+    assembled from links; each real folder read once, so a link loop ends) and saying which folders cannot be read."""
+    def unreadable(e: OSError) -> None:
+        warnings.warn(f"skipping unreadable folder {shown(e.filename)} ({why_unreadable(e)})", stacklevel=1)
+
+    names, seen = [], set()
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        rel = Path(root).relative_to(folder)
+        names += [(rel / f).as_posix() for f in files
+                  if Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(root, f))]
     return names
 
 
@@ -252,13 +286,15 @@ def cifar10_uint8(split: str):
     $BDM_DATA_DIR, else ~/.cache/bdm). A folder it had to create is removed again when the download fails."""
     from torchvision.datasets import CIFAR10
 
-    root = Path(os.environ.get("BDM_DATA_DIR") or cache_home())
-    made = not root.exists()
+    if split not in ("train", "test"):  # torchvision's flag would read any other name as the training set
+        raise DataError(f"cifar10 has the splits train and test, got data.split {split!r}")
+    root = user_path(os.environ.get("BDM_DATA_DIR") or cache_home())
+    made = first_missing(root)
     try:
-        return CIFAR10(str(root), train=split != "test", download=True).data
+        return CIFAR10(str(root), train=split == "train", download=True).data
     except Exception as e:  # offline: urllib raises several error types
-        if made:  # a folder this command made (and a partial download in it) is not left behind
-            shutil.rmtree(root, ignore_errors=True)
+        if made is not None:  # the folders this command made (and a partial download in them) are not left behind
+            shutil.rmtree(made, ignore_errors=True)
         raise DataError(
             f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}). Point --data at a local copy: "
             "a folder or zip of images, e.g. --data ../shared/data/cifar10-jpeg.zip, or set BDM_DATA_DIR to a folder "
@@ -273,10 +309,12 @@ def check_not_shadowed(name: str, builtins) -> None:
                         f"pass ./{name} for yours, or run from another folder for the built-in one")
 
 
-def dataset_source(dataset: str) -> Path | None:
+def dataset_source(dataset: str, split: str = "train") -> Path | None:
     """What ``data.dataset`` names, checked before anything is read or made: None for a built-in dataset, else the
     folder or zip of images (which must exist and be one of those)."""
     check_not_shadowed(dataset, BUILTINS)
+    if dataset == "cifar10" and split not in ("train", "test"):
+        raise DataError(f"cifar10 has the splits train and test, got data.split {split!r}")
     if dataset in BUILTINS:
         return None
     if not dataset.strip():  # Path("") is the current folder
@@ -292,7 +330,7 @@ def dataset_source(dataset: str) -> Path | None:
 
 def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = "train") -> torch.utils.data.Dataset:
     """``digits``, ``cifar10`` (torchvision, cached under $BDM_DATA_DIR or ~/.cache/bdm), or a folder / zip of images."""
-    source = dataset_source(dataset)
+    source = dataset_source(dataset, split)
     if dataset == "digits":
         return TensorImages(load_digits(resolution, channels))
     if dataset == "cifar10":

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .data import (READ_ERRORS, DataError, check_not_shadowed, cifar10_uint8, image_names, open_image, read_member, shown,
-                   why_unreadable)
+                   to_8bit, why_unreadable)
 from .errors import UsageError, UserError
 from .io import atomic_write
 from .paths import cache_home, first_missing, user_path
@@ -41,6 +41,7 @@ WEIGHTS_ENV = "BDM_INCEPTION_WEIGHTS"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 NAMED_REFS = ("cifar10-train", "cifar10-test", "digits")
 DIMS = (64, 192, 768, 2048)
+DECODING = "v2"  # part of a folder's cache key: statistics of images decoded otherwise are never reused
 RESERVOIR = 10_000  # feature rows kept for KID: 100 subsets of 1,000 draw from these (80 MB at 2048 dims, float32)
 
 
@@ -292,9 +293,11 @@ class ImageSource(torch.utils.data.Dataset):
                 if self._zip is None or self._pid != os.getpid():  # never share a handle with a forked worker
                     self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
                 fp = io.BytesIO(read_member(self._zip, name))
-            # As pytorch-fid reads them (no EXIF orientation, so that both give the same FID), with the size limit.
+            # As pytorch-fid reads 8-bit images (no EXIF orientation, so that both give the same FID), with the size
+            # limit; 16-bit, float and transparent ones as training reads them (pytorch-fid's convert("RGB") clips
+            # 16-bit to white and turns transparency black: a reference unlike the data the model saw)
             with fp, open_image(fp, name) as img:
-                arr = np.asarray(img.convert("RGB"))
+                arr = np.asarray(to_8bit(img).convert("RGB"))
         except (*READ_ERRORS, Image.DecompressionBombError, DataError) as e:
             warnings.warn(f"skipping unreadable image {shown(name)} in {shown(self.path)} ({why_unreadable(e)})",
                           stacklevel=1)
@@ -366,11 +369,12 @@ def as_inception_input(x: torch.Tensor) -> torch.Tensor:
     return q.expand(-1, 3, -1, -1) if q.shape[1] == 1 else q
 
 
-def _digits_uint8() -> torch.Tensor:
-    """The bundled digits as the ``digits`` preset trains on them (16x16), quantised to uint8, as RGB."""
+def _digits_uint8(size: int = 16) -> torch.Tensor:
+    """The bundled digits as the ``digits`` preset trains on them (16x16, or a run's own size), quantised to uint8,
+    as RGB."""
     from .data import load_digits
 
-    return as_inception_input(load_digits(16, 1))
+    return as_inception_input(load_digits(size, 1))
 
 
 @torch.inference_mode()
@@ -409,18 +413,20 @@ def cache_dir() -> Path:
 
 
 def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, workers: int | None = None,
-             weights_id: str = "", use_cache: bool = True, progress=None,
-             on_count=None) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+             weights_id: str = "", use_cache: bool = True, progress=None, on_count=None,
+             digits_size: int = 16) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     """``(mu, sigma, n, feats)`` of a folder, zip, ``.npz`` (``mu``, ``sigma``, optionally ``n`` and ``feats``) or
     named reference (``cifar10-train``, ``cifar10-test`` through torchvision, ``digits`` as the digits preset sees
-    them). ``feats`` are the kept feature rows for KID (:attr:`FeatureStats.rows`), or None for a ``.npz`` without
+    them; ``digits_size``: their size, 16 as in the digits preset, a run's own when its samples are scored).
+    ``feats`` are the kept feature rows for KID (:attr:`FeatureStats.rows`), or None for a ``.npz`` without
     them (pytorch-fid's, or one written before KID). Dataset statistics are cached under ``$BDM_CACHE_DIR/fid``
     keyed by the images' content, the dims and the weights."""
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     path = Path(source)
     if source in NAMED_REFS:
-        images = _digits_uint8() if source == "digits" else _cifar10_tensor(source.split("-")[1])
-        key = hashlib.sha256(f"{source}:{dims}:{weights_id}".encode()).hexdigest()
+        images = _digits_uint8(digits_size) if source == "digits" else _cifar10_tensor(source.split("-")[1])
+        name = f"digits-{digits_size}" if source == "digits" and digits_size != 16 else source  # 16: the old key
+        key = hashlib.sha256(f"{name}:{dims}:{weights_id}".encode()).hexdigest()
         batches = lambda: iter(images.split(batch_size))  # noqa: E731
         count = len(images)
     elif path.suffix.lower() == ".npz" and path.is_file():
@@ -430,7 +436,8 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
     elif path.exists():
         ds = ImageSource(path)
         key_of_content = ds.content_key() if use_cache else ""
-        key = hashlib.sha256(f"{key_of_content}:{dims}:{weights_id}".encode()).hexdigest() if use_cache else ""
+        # DECODING: images of other modes (16-bit, float, transparent) are read as training reads them since v2
+        key = hashlib.sha256(f"{key_of_content}:{dims}:{weights_id}:{DECODING}".encode()).hexdigest() if use_cache else ""
         batches = lambda: _loader(ds, batch_size, workers)  # noqa: E731
         count = len(ds)
     else:
@@ -515,6 +522,12 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
         # feats are every image's features, or a reservoir sample of RESERVOIR of them: never more than n
         raise UserError(f"{what}: it holds {len(feats)} feature rows for n = {n} images (at most n, all n up to "
                         f"{RESERVOIR:,})")
+    if feats is not None and len(feats) == n >= 2:  # every image's features: FID's mean and variances are theirs
+        scale = 1e-3 * (1 + np.abs(feats).max())
+        if not (np.allclose(mu, feats.mean(0), rtol=1e-3, atol=scale)
+                and np.allclose(np.diag(sigma), feats.var(0, ddof=1), rtol=1e-2, atol=scale)):
+            raise UserError(f"{what}: its mu and sigma are not the statistics of its feats (FID and KID would score "
+                            "different images): write it again with bdm fid --save-stats")
     return mu, sigma, n, feats
 
 

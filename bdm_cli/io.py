@@ -11,6 +11,7 @@ import contextlib
 import io
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -61,10 +62,10 @@ def check_outputs(*paths: Path | None, images: bool = False, inputs=()) -> None:
             image_format(p)
     resolved = [p.resolve() for p in given]
     if len(set(resolved)) < len(resolved):
-        raise OutputError(f"two outputs of this command are the same file: {given[[resolved.count(r) for r in resolved].index(2)]}")
+        raise UsageError(f"two outputs of this command are the same file: {given[[resolved.count(r) for r in resolved].index(2)]}")
     for source in inputs:
         if source is not None and Path(source).exists() and Path(source).resolve() in resolved:
-            raise OutputError(f"{source} is this command's input and cannot also be its output: write elsewhere")
+            raise UsageError(f"{source} is this command's input and cannot also be its output: write elsewhere")
 
 
 def _umask() -> int:
@@ -84,7 +85,11 @@ def atomic_write(path: Path | str, mode: str = "wb", *, exclusive: bool = False)
     # the name is cut so that a long (valid) output name still leaves room for the temporary one's additions
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should be like any file the user writes
+        try:
+            bits = stat.S_IMODE(os.stat(path).st_mode)  # a replaced file keeps its mode: a private checkpoint stays so
+        except FileNotFoundError:
+            bits = 0o666 & ~_umask()  # mkstemp makes 0600: a new file is like any other the user writes
+        os.fchmod(fd, bits)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

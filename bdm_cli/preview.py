@@ -99,22 +99,26 @@ def plot_schedule(schedules: list[BlurSchedule], height: int, width: int, path: 
         return _plot_schedule(plt, schedules, height, width, path, fmt)
 
 
+# one look per schedule, 16 in all (schedule-plot's --compare limit): 4 dash patterns x 4 markers
+LINE_STYLES = [dict(ls=ls, marker=marker, markevery=0.1, markersize=4) for marker in ("", "o", "s", "^")
+               for ls in ("-", "--", ":", "-.")]
+
+
 def _plot_schedule(plt, schedules: list[BlurSchedule], height: int, width: int, path: Path, fmt: str) -> Path:
     ncols = max(2, len(schedules))
     fig = plt.figure(figsize=(5 * ncols, 8.5), layout="constrained")
     grid = fig.add_gridspec(2, ncols)
     ax_sched, ax_alpha = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1:])
-    styles = ["-", "--", ":", "-."]
     first = schedule_table(schedules[0], height, width)
     ax_sched.plot(first["t"], first["a"], color="C0", label="$a_t$")
     ax_sched.plot(first["t"], first["sigma"], color="C1", label=r"$\sigma_t$")
     ax_blur = ax_sched.twinx()
     for i, sch in enumerate(schedules):
         tab = schedule_table(sch, height, width)
-        style = styles[i % len(styles)]
-        ax_blur.plot(tab["t"], tab["sigma_blur"], color="C2", ls=style, label=rf"$\sigma_{{blur}}$ (max {sch.sigma_blur_max:g})")
+        style = LINE_STYLES[i % len(LINE_STYLES)]  # (schedule-plot refuses more)
+        ax_blur.plot(tab["t"], tab["sigma_blur"], color="C2", **style, label=rf"$\sigma_{{blur}}$ (max {sch.sigma_blur_max:g})")
         for j, name in enumerate(("lowest", "middle", "highest")):
-            ax_alpha.plot(tab["t"], tab[f"alpha_{name}"], color=f"C{j}", ls=style,
+            ax_alpha.plot(tab["t"], tab[f"alpha_{name}"], color=f"C{j}", **style,
                           label=f"{name} freq, " + rf"$\sigma_{{blur,max}}$={sch.sigma_blur_max:g}")
     ax_sched.set(xlabel="t", ylabel="base schedule", title="Cosine schedule and blur")
     ax_blur.set_ylabel(r"$\sigma_{blur}(t)$ (pixels)")

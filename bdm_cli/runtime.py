@@ -10,7 +10,7 @@ import hashlib
 
 import torch
 
-from .config import Config
+from .config import DEVICES, Config
 from .engine import precondition
 from .errors import UsageError, UserError
 
@@ -29,7 +29,8 @@ def seed_of(*parts) -> int:
 def resolve_device(name: str, local_rank: int = 0, *, what: str = "--device") -> torch.device:
     """``auto`` (CUDA where there is one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against this machine;
     ``what`` names where the value came from in the errors (the option, or ``train.device`` of a config)."""
-    name = str(name).strip().lower()
+    if not isinstance(name, str) or not DEVICES.fullmatch(name):  # "cpu " or "CPU": as train.device, never guessed
+        raise UsageError(f"{what} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" or name.startswith("cuda:"):
@@ -44,8 +45,6 @@ def resolve_device(name: str, local_rank: int = 0, *, what: str = "--device") ->
         if not torch.backends.mps.is_available():
             raise UserError(f"{what} mps was asked for but Apple's MPS is not available on this machine (use cpu or auto)")
         return torch.device("mps")
-    if name != "cpu":
-        raise UsageError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)")
     return torch.device("cpu")
 
 

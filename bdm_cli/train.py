@@ -291,8 +291,11 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
         step, rng = int(state["step"]), state["rng"]
         try:
             opt.load_state_dict(state["opt"])
-            if len(rng["gen"]) == ddp.world:
+            if len(rng["gen"]) == len(rng["torch"]) == ddp.world:
                 gen.set_state(rng["gen"][ddp.rank]), torch.set_rng_state(rng["torch"][ddp.rank])
+            elif ddp.main:  # each process's streams were saved: with another count they cannot go on
+                warnings.warn(f"the run was trained by {len(rng['gen'])} process(es) and resumes with {ddp.world}: its data "
+                              "order and noise go on from new generators (not the steps the old count would take)")
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
             raise CheckpointError(f"{run_dir / CHECKPOINT} cannot be resumed: its optimizer or generator state does not fit "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -428,19 +431,23 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
 
 def _trim_metrics(path: Path, step: int) -> None:
     """Drop the metrics logged after the checkpoint a resume starts from (a run killed between its last checkpoint
-    and its next log line): the resumed run logs those steps again, so each step appears once."""
+    and its next log line): the resumed run logs those steps again, so each step appears once. A last line cut
+    short (a kill or a full disk inside a write) is dropped too, or ended if it is whole: the next record would
+    be glued onto it."""
     if not path.is_file():
         return
     lines = path.read_bytes().splitlines(keepends=True)  # bytes: the lines kept are kept exactly as written
 
-    def logged_at(line: bytes) -> float:
+    def logged_at(line: bytes) -> float | None:
         try:
             return float(json.loads(line).get("step", 0))
         except (ValueError, AttributeError, TypeError):  # UnicodeDecodeError is a ValueError
-            return 0.0  # not a metrics line of ours: kept
+            return None
 
-    keep = [line for line in lines if logged_at(line) <= step]
-    if len(keep) < len(lines):
+    keep = [line for line in lines if (logged_at(line) or 0.0) <= step]  # not a metrics line of ours: kept
+    if keep and not keep[-1].endswith(b"\n"):
+        keep[-1] = keep[-1] + b"\n" if logged_at(keep[-1]) is not None else b""
+    if keep != lines:
         with atomic_write(path, "wb") as f:
             f.writelines(keep)
 

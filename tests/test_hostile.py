@@ -342,7 +342,7 @@ def test_outputs_never_collide_with_inputs_or_each_other(good_run, tmp_path, ima
     assert ".csv" in msg
     one_line_error(invoke("schedule-plot", "--preset", "tiny", "--out", tmp_path / "s.svg", "--csv", tmp_path / "s.svg"), 2)
     msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--steps", 2, "--out", tmp_path / "g.png",
-                                "--trajectory", tmp_path / "g.png"), 1)
+                                "--trajectory", tmp_path / "g.png"), 2)
     assert "same file" in msg
     msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--steps", 2, "--out-dir", folder,
                                 "--out", folder / "000001.png"), 2)
@@ -1678,3 +1678,156 @@ def test_round_thirteen_cli(tmp_path):
                    "--out", tmp_path / "grey")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["colour", "grey", "imgs"]
+
+
+def test_round_thirteen_data_read_as_it_is(tmp_path, monkeypatch):
+    """Round thirteen's silent garbage in the data: YAML retyping a preset's dataset name, a Windows zip's split
+    ignored, one bright pixel turning a float image black, FID reading 16-bit images as white, linked folders
+    skipped, a resume from another folder training on another dataset, any cifar10 split read as train, statistics
+    whose mu is not their features'."""
+    from bdm_cli import fid
+    from bdm_cli.config import ConfigError, load_config
+    from bdm_cli.data import image_names, load_image, make_dataset
+
+    (tmp_path / "p.yaml").write_text("extends: tiny\ndata:\n  dataset: 01\n")
+    with pytest.raises(ConfigError, match=re.escape("data.dataset must be text, but YAML read the int 1 there")):
+        load_config(str(tmp_path / "p.yaml"))
+    png = io_bytes = (_images(tmp_path / "one", n=1, size=8) / "0.png").read_bytes()
+    with zipfile.ZipFile(tmp_path / "win.zip", "w") as z:
+        z.writestr("train\\0.png", io_bytes)
+        z.writestr("test\\0.png", png)
+    assert image_names(tmp_path / "win.zip", "train") == ["train\\0.png"]
+    assert len(make_dataset(str(tmp_path / "win.zip"), 8, 3)) == 1
+    flat = np.full((8, 8), 0.5, np.float32)
+    flat[0, 0] = 1.01  # a highlight
+    Image.fromarray(flat, "F").save(tmp_path / "f.tif")
+    assert abs(load_image(tmp_path / "f.tif", 8, 1).mean().item()) < 0.02  # mid-grey, not black
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(deep / "0.png")  # 16-bit mid-grey
+    assert abs(fid.ImageSource(deep)[0].mean().item() - 0.5) < 0.01
+    assert abs(load_image(deep / "0.png", 8, 3).mean().item()) < 0.01
+    linked = tmp_path / "linked"
+    _images(linked / "cats", n=2)
+    (linked / "dogs").symlink_to(_images(tmp_path / "elsewhere", n=2))
+    (linked / "cats" / "loop").symlink_to(linked)  # a loop ends
+    assert image_names(linked, "") == ["cats/0.png", "cats/1.png", "dogs/0.png", "dogs/1.png"]
+    assert "splits train and test" in one_line_error(invoke("train", "--preset", "tiny", "--data", "cifar10", "--set",
+                                                             "data.split=Test", "--out", tmp_path / "c"), 1)
+    monkeypatch.chdir(_images(tmp_path / "p1" / "data", n=8, size=8).parent)
+    assert invoke("train", "--preset", "tiny", "--data", "data", "--steps", 1, "--out", tmp_path / "rel").exit_code == 0
+    saved = load_checkpoint(tmp_path / "rel" / "checkpoint.pt")["config"]["data"]["dataset"]
+    assert saved == str(tmp_path / "p1" / "data")  # a resume from another folder reads these images
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(100, 64))
+    fid.save_stats(tmp_path / "ok.npz", feats.mean(0), np.cov(feats, rowvar=False), 100, feats)
+    fid.read_stats(tmp_path / "ok.npz", 64)
+    fid.save_stats(tmp_path / "bad.npz", feats.mean(0) + 5, np.cov(feats, rowvar=False), 100, feats)
+    with pytest.raises(fid.UserError, match="not the statistics of its feats"):
+        fid.read_stats(tmp_path / "bad.npz", 64)
+    assert not (tmp_path / "c").exists()
+
+
+def test_round_thirteen_run_files(good_run, tmp_path):
+    """A metrics line cut short glued the next record onto it; replacing a file reset its mode; a hand-edited
+    train.steps in config.yaml was ignored; a resume with another process count dropped its generators silently;
+    a damaged optimizer state printed a Python object; a float seed past 2^53 was rounded."""
+    import json
+
+    from bdm_cli.config import ConfigError, load_config
+    from bdm_cli.io import atomic_write
+    from bdm_cli.train import _trim_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    _trim_metrics(metrics, 2)
+    assert metrics.read_bytes() == b'{"step": 1, "loss": 0.5}\n'
+    metrics.write_bytes(b'{"step": 1, "loss": 0.5}')
+    _trim_metrics(metrics, 2)
+    assert metrics.read_bytes() == b'{"step": 1, "loss": 0.5}\n'
+    private = tmp_path / "private.bin"
+    private.write_bytes(b"old")
+    private.chmod(0o600)
+    with atomic_write(private) as f:
+        f.write(b"new")
+    assert private.stat().st_mode & 0o777 == 0o600
+    run = _copy_run(good_run, tmp_path / "edited")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("  steps: 2\n", "  steps: 3\n"))
+    assert invoke("train", "--resume", run).exit_code == 0 and load_checkpoint(run / "checkpoint.pt")["step"] == 3
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["rng"] = {k: v * 2 for k, v in state["rng"].items()}  # as two processes saved it
+    torch.save(state, run / "checkpoint.pt")
+    with pytest.warns(UserWarning, match=re.escape("trained by 2 process(es) and resumes with 1")):
+        assert invoke("train", "--resume", run, "--steps", 4).exit_code == 0
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["opt"]["state"][0] = {"step": "x"}
+    torch.save(state, run / "checkpoint.pt")
+    msg = one_line_error(invoke("train", "--resume", run, "--steps", 5), 1)
+    assert "optimizer state is damaged" in msg and " at 0x" not in msg
+    with pytest.raises(ConfigError, match="rounded past 2"):
+        load_config("tiny", ["train.seed=9007199254740993.0"])
+
+
+def test_round_thirteen_names_and_messages(good_run, tmp_path, monkeypatch):
+    """~ in presets and BDM_DATA_DIR, extends found in the current folder, preset names of only dots (a run in
+    runs/..), .YAML, one look per --compare value, a checkpoint's missing section blamed on config.yaml, device names
+    accepted by one command only, digits of other scripts, huge models, LAB images in grey, the digits
+    reference at another size than the run's."""
+    from bdm_cli import cli, data, fid
+    from bdm_cli.config import ConfigError, load_config
+    from bdm_cli.preview import LINE_STYLES
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine.yaml").write_text("extends: tiny\ndiffusion:\n  sigma_blur_max: 7\n")
+    assert load_config("~/mine.yaml").diffusion.sigma_blur_max == 7
+    (tmp_path / "MINE.YAML").write_text("extends: tiny\n")
+    assert load_config(str(tmp_path / "MINE.YAML")).preset == "MINE"
+    (tmp_path / "ex" / "presets").mkdir(parents=True)
+    (tmp_path / "ex" / "presets" / "a.yaml").write_text("extends: base.yaml\n")
+    (tmp_path / "ex" / "base.yaml").write_text("extends: tiny\n")
+    monkeypatch.chdir(tmp_path / "ex")
+    with pytest.raises(ConfigError, match="preset file not found"):  # not ./base.yaml: beside a.yaml only
+        load_config("presets/a.yaml")
+    (tmp_path / "...yaml").write_text("extends: tiny\n")
+    assert "no name before its extension" in one_line_error(invoke("train", "--preset", tmp_path / "...yaml"), 2)
+    assert not (tmp_path / "ex" / "runs").exists()
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setenv("BDM_DATA_DIR", "~/x/y/z")
+    with pytest.raises(data.DataError, match=re.escape(f"CIFAR-10 is not in {tmp_path}/x/y/z")):
+        data.cifar10_uint8("train")
+    assert not (tmp_path / "x").exists()
+    assert len({tuple(sorted(s.items())) for s in LINE_STYLES}) >= cli.MAX_COMPARE
+    run = _copy_run(good_run, tmp_path / "nomodel")
+    state = load_checkpoint(run / "checkpoint.pt")
+    del state["config"]["model"]
+    torch.save(state, run / "checkpoint.pt")
+    assert "has no model section" in one_line_error(invoke("train", "--resume", run, "--steps", 3))
+    for args in (("sample", "--run", good_run, "--device", "cpu ", "--n", 1), ("sample", "--run", good_run, "--device",
+                 "cuda:-1", "--n", 1), ("train", "--preset", "tiny", "--set", "train.steps=١٢", "--out", tmp_path / "u"),
+                 ("schedule-plot", "--compare", "٠,١", "--out", tmp_path / "c.png"),
+                 ("blur-preview", _images(tmp_path / "i", n=1) / "0.png", "--t", "0.5", "--t", "٠", "--out", tmp_path / "b.png"),
+                 ("train", "--preset", "tiny", "--set", "model.channels=65536", "--out", tmp_path / "big")):
+        one_line_error(invoke(*args), 2)
+    lab = Image.new("LAB", (8, 8), (50, 10, 10))
+    lab.save(tmp_path / "lab.tif")
+    assert data.load_image(tmp_path / "lab.tif", 8, 1).shape == (1, 8, 8)
+    asked = {}
+
+    def stop(source, model, **kwargs):
+        asked.update(kwargs)
+        raise fid.UserError("stopped here")
+
+    monkeypatch.setattr(fid, "inception", lambda *a, **k: None)
+    monkeypatch.setattr(fid, "stats_of", stop)
+    one_line_error(invoke("fid", "--run", good_run, "--ref", "digits", "--n", 2))
+    assert asked["digits_size"] == 8  # the tiny preset's size, not the digits preset's 16
+    assert fid._digits_uint8(8).shape[-2:] == (8, 8)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "MINE.YAML", "ex", "i", "lab.tif", "mine.yaml", "nomodel"]

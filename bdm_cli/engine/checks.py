@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-__all__ = ["check_whole", "check_times", "check_images"]
+__all__ = ["check_whole", "check_times", "check_images", "check_schedule", "check_model_output", "check_bounds"]
 
 
 def check_whole(value, name: str, low: int = 1, high: int | None = None) -> None:
@@ -44,3 +44,43 @@ def check_images(x, name: str = "x", batch=None) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if batch is not None and (n := torch.as_tensor(batch).numel()) not in (1, x.shape[0]):
         raise ValueError(f"{name} holds {x.shape[0]} images but {n} times were given (one, or one per image)")
+
+
+def check_schedule(schedule) -> None:
+    """A :class:`BlurSchedule` (None or a dict of its fields failed deep inside as an AttributeError)."""
+    from .schedule import BlurSchedule  # here, not at the top: schedule.py may one day use these checks itself
+
+    if not isinstance(schedule, BlurSchedule):
+        raise TypeError(f"schedule must be a BlurSchedule, got {type(schedule).__name__}")
+
+
+def check_model_output(eps, z: torch.Tensor) -> None:
+    """What a model returned for the input ``z``: a real floating-point tensor of ``z``'s shape (a tuple or a numpy
+    array failed inside torch; a [B, 1, H, W] output broadcast one eps over every channel; integers and complex were
+    cast silently, complex losing its imaginary part). Reads no values: it runs inside every sampling step."""
+    if not isinstance(eps, torch.Tensor):
+        raise TypeError(f"the model returned a {type(eps).__name__}, not a torch.Tensor of its input's shape "
+                        f"{tuple(z.shape)}")
+    if eps.shape != z.shape:
+        raise ValueError(f"the model returned shape {tuple(eps.shape)} for an input of shape {tuple(z.shape)}")
+    if not eps.is_floating_point():  # False for complex too
+        raise TypeError(f"the model returned a {eps.dtype} tensor, not a real floating-point one")
+
+
+def check_bounds(bounds, shape, name: str = "denoised_range") -> None:
+    """A pair ``(low, high)`` of floating-point tensors of exactly ``shape``, finite, with ``low <= high`` everywhere:
+    bounds of another shape broadcast 1-channel noise into 3-channel samples, a NaN bound made every sample NaN and
+    ``low > high`` clamped silently to ``high``. Reads the values once per call (small [C, H, W] tensors)."""
+    if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(isinstance(b, torch.Tensor) for b in bounds)):
+        raise TypeError(f"{name} must be a pair of tensors (low_u, high_u), each {list(shape)} in DCT space, got "
+                        f"{type(bounds).__name__}")
+    for which, b in zip(("low_u", "high_u"), bounds):
+        if not b.is_floating_point():
+            raise TypeError(f"{name}'s {which} must be a floating-point tensor, got {b.dtype}")
+        if b.shape != shape:
+            raise ValueError(f"{name}'s {which} must have shape {list(shape)} (the images' [C, H, W]), got {list(b.shape)}")
+    low, high = (b.detach().to("cpu", torch.float64) for b in bounds)
+    if (bad := ~(low.isfinite() & high.isfinite() & (low <= high))).any():
+        i = bad.nonzero()[0].tolist()
+        raise ValueError(f"{name} must be finite with low_u <= high_u everywhere, got low_u {low[tuple(i)].item()} and "
+                         f"high_u {high[tuple(i)].item()} at {i}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .dct import dct2, idct2
-from .checks import check_images, check_times
+from .checks import check_images, check_model_output, check_schedule, check_times
 from .schedule import BlurSchedule
 
 __all__ = ["diffuse", "eps_loss", "denoise_mean_var", "posterior_coefficients", "Model"]
@@ -37,6 +37,7 @@ def diffuse(x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: Blu
     if check_t:
         check_times(t)
     check_images(x, "x", batch=t)
+    check_schedule(schedule)
     if not isinstance(noise, torch.Tensor) or noise.shape != x.shape:  # broadcasting [B, 1, H, W] noise would give every channel the same noise
         raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
     alpha, sigma = _alpha_sigma64(schedule, t, x)
@@ -45,13 +46,11 @@ def diffuse(x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: Blu
 
 def eps_loss(model: Model, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: BlurSchedule, *,
              check_t: bool = True) -> torch.Tensor:
-    """The paper's training loss: ``mean ||noise - model(z_t, t)||^2`` (plain MSE on eps); ``check_t`` as in
-    :func:`diffuse`."""
+    """The paper's training loss: ``mean ||noise - model(z_t, t)||^2`` (plain MSE on eps); ``t`` and ``check_t`` as
+    in :func:`diffuse`. The model is given ``t`` as [B] in ``x``'s dtype and device, whatever form it came in."""
     z_t = diffuse(x, t, noise, schedule, check_t=check_t)
-    eps_hat = model(z_t, t.to(x.dtype))
-    if not isinstance(eps_hat, torch.Tensor) or eps_hat.shape != noise.shape:  # mse_loss would broadcast
-        raise ValueError(f"the model returned {tuple(getattr(eps_hat, 'shape', ())) or type(eps_hat).__name__} for an "
-                         f"input of shape {tuple(z_t.shape)}")
+    eps_hat = model(z_t, torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]))
+    check_model_output(eps_hat, z_t)  # mse_loss would broadcast another shape
     return F.mse_loss(eps_hat.float(), noise.float())
 
 
@@ -85,6 +84,7 @@ def denoise_mean_var(z_t, t, s, eps_hat, schedule: BlurSchedule, delta: float = 
     check_times(s, "s")
     check_images(z_t, "z_t", batch=t)
     check_images(z_t, "z_t", batch=s)
+    check_schedule(schedule)
     if not isinstance(eps_hat, torch.Tensor) or eps_hat.shape != z_t.shape:
         raise ValueError(f"eps_hat must have z_t's shape {tuple(z_t.shape)}, got "
                          f"{tuple(getattr(eps_hat, 'shape', ())) or type(eps_hat).__name__}")

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checks import check_images, check_whole
+from .checks import check_bounds, check_images, check_model_output, check_schedule, check_whole
 from .dct import dct2, idct2
 from .diffusion import Model, posterior_coefficients
 from .schedule import BlurSchedule
@@ -69,6 +69,7 @@ def time_grid(schedule: BlurSchedule, steps: int, grid: str = "uniform", size: t
       spends steps there. Without blur it is exactly the ``logsnr`` grid.
       ``size`` is the image size (H, W) that sets the frequencies.
     """
+    check_schedule(schedule)
     check_whole(steps, "steps")
     if not (isinstance(size, (tuple, list, torch.Size)) and len(size) == 2):
         raise ValueError(f"size must be the image's (height, width), got {size!r}")
@@ -159,9 +160,9 @@ class _Predictor:
 
     def __call__(self, u: torch.Tensor, i: int) -> torch.Tensor:
         z = idct2(u)
-        eps = self.model(z, self.t_in[i].expand(self.batch)).to(u.dtype)
-        if eps.shape != z.shape:  # broadcast on, a [B, 1, H, W] output gave every channel the same eps
-            raise ValueError(f"the model returned shape {tuple(eps.shape)} for an input of shape {tuple(z.shape)}")
+        eps = self.model(z, self.t_in[i].expand(self.batch))
+        check_model_output(eps, z)
+        eps = eps.to(u.dtype)
         x_u = (u - self.sigma[i] * dct2(eps)) / self.alpha[i]
         if self.bounds is not None:
             x_u = torch.maximum(torch.minimum(x_u, self.bounds[1]), self.bounds[0])
@@ -301,8 +302,9 @@ def sample(
             :func:`default_grid` of the sampler.
         generator: a ``torch.Generator`` or one per sample, for the ancestral noise.
         callback: called with a :class:`Step` after every step (progress bars, trajectories).
-        denoised_range: ``(low_u, high_u)``, per-frequency bounds ([C, H, W], DCT space) of the data: the x
-            prediction is clamped into them, frequency by frequency, before each step. With blur this
+        denoised_range: ``(low_u, high_u)``, per-frequency bounds of the data, each exactly ``noise``'s [C, H, W] in
+            DCT space, finite, with ``low_u <= high_u``: the x prediction is clamped into them, frequency by
+            frequency, before each step. With blur this
             is what keeps a sampler from diverging: an eps error ``e`` in a blurred-out frequency is an
             x error ``sigma_t e / alpha_t`` (up to 1e5 e), which unbounded can swamp the sample when
             that frequency regains its signal. ``E[u | z_t]`` lies within the data's range of ``u`` in
@@ -320,12 +322,12 @@ def sample(
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     check_whole(steps, "steps", 1, MAX_STEPS)
     check_images(noise, "noise")
+    check_schedule(schedule)
     if noise.dtype == torch.float16 and schedule.sigma_blur_max > 0:
         raise TypeError("float16 cannot hold the blur's per-frequency scales (up to 1e5; the samples would be NaN): "
                         "sample in float32 or bfloat16")
-    if denoised_range is not None and not (isinstance(denoised_range, (tuple, list)) and len(denoised_range) == 2
-                                           and all(isinstance(b, torch.Tensor) for b in denoised_range)):
-        raise TypeError("denoised_range must be a pair of tensors (low_u, high_u), each [C, H, W] in DCT space")
+    if denoised_range is not None:
+        check_bounds(denoised_range, noise.shape[1:])
     grid = grid or default_grid(sampler)
     height, width = noise.shape[-2:]
     ts = time_grid(schedule, steps, grid, (height, width))
