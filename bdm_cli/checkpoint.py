@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import pickle
 import reprlib
@@ -96,8 +97,11 @@ def _check_contents(state: dict, path: Path) -> None:
         raise CheckpointError(f"{path} is not a valid bdm checkpoint: {bad}")
 
 
-def check_resumable(state: dict, path: Path, world: int) -> None:
-    """What ``--resume`` needs beyond the weights: the optimizer state and the random number generators' states."""
+def check_resumable(state: dict, path: Path, params: list[torch.Tensor]) -> None:
+    """What ``--resume`` needs beyond the weights: the random number generators' states and an optimizer state that
+    fits ``params`` (the optimizer's parameters, in its order): per parameter, tensors of its shape and dtype (torch
+    crashed on other shapes inside its fused kernel, and trained on with integer moments), a finite ``step`` >= 0
+    and second moments >= 0 (a negative one made the loss NaN, blamed on the data)."""
     rng = state.get("rng")
     ok = isinstance(state.get("opt"), dict) and isinstance(rng, dict) and all(
         isinstance(rng.get(k), list) and rng[k] and all(isinstance(g, torch.Tensor) and g.dtype == torch.uint8 for g in rng[k])
@@ -106,11 +110,24 @@ def check_resumable(state: dict, path: Path, world: int) -> None:
         raise CheckpointError(f"{path} cannot be resumed: it holds no optimizer or random-generator state (a weights-only or "
                               "foreign checkpoint; start a new run and load nothing, or sample from it)")
     per_param = state["opt"].get("state")
-    if not isinstance(per_param, dict) or not all(
-            isinstance(v, dict) and all(isinstance(x, (torch.Tensor, numbers.Real)) for x in v.values())
-            for v in per_param.values()):  # torch's own error would show a Python object's repr
-        raise CheckpointError(f"{path} cannot be resumed: its optimizer state is damaged (each parameter's state must hold "
-                              "tensors and numbers)")
+    if not isinstance(per_param, dict) or not set(per_param) <= set(range(len(params))):
+        raise CheckpointError(f"{path} cannot be resumed: its optimizer state is damaged or for another model")
+    for i, moments in per_param.items():
+        if not isinstance(moments, dict) or not all(_fits(k, v, params[i]) for k, v in moments.items()):
+            raise CheckpointError(f"{path} cannot be resumed: its optimizer state is damaged (parameter {i}: each "
+                                  "moment a finite tensor of the parameter's shape and dtype, the second >= 0, step >= 0)")
+
+
+def _fits(name: str, value, param: torch.Tensor) -> bool:
+    """One entry of a parameter's Adam state: ``step`` a number or scalar tensor, the moments like the parameter."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return name == "step" and math.isfinite(value) and value >= 0
+    if not isinstance(value, torch.Tensor) or value.is_meta or not value.dtype.is_floating_point:
+        return False
+    if name == "step":
+        return value.numel() == 1 and bool(torch.isfinite(value).all() and (value >= 0).all())
+    return (value.shape == param.shape and value.dtype == param.dtype and bool(torch.isfinite(value).all())
+            and (name != "exp_avg_sq" or bool((value >= 0).all())))
 
 
 def check_data_stats(stats: dict | None, cfg: Config, path: Path) -> None:

@@ -161,13 +161,22 @@ def _t_values(ts: list[str] | None) -> list[float]:
     return values  # a time twice is the same column twice, harmless (--compare refuses it: its lines would hide)
 
 
+def _set_once(given: dict[str, str], sets: list[str] | None) -> None:
+    """An option and a ``--set`` of the same config key (``{key: option}`` of the options given): refused, where one
+    would silently win."""
+    for s in sets or []:
+        key = s.partition("=")[0].strip()
+        if key in given:
+            raise UsageError(f"{given[key]} and --set {key} both set it: give one")
+
+
 def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float | None, blur: str | None):
     from .config import ConfigError, apply_overrides, load_config
 
     cfg = load_config(preset, sets or [])
-    for flag, key, value in (("--sigma-blur-max", "sigma_blur_max", sigma_blur_max), ("--blur", "blur", blur)):
-        if value is not None and any(s.partition("=")[0].strip() == f"diffusion.{key}" for s in sets or []):
-            raise UsageError(f"{flag} and --set diffusion.{key} both set it: give one")
+    options = (("--sigma-blur-max", "sigma_blur_max", sigma_blur_max), ("--blur", "blur", blur))
+    _set_once({f"diffusion.{key}": flag for flag, key, value in options if value is not None}, sets)
+    for flag, key, value in options:
         if value is not None:
             try:
                 cfg = apply_overrides(cfg, [f"diffusion.{key}={value}"]).validate()
@@ -246,6 +255,8 @@ def schedule_plot_cmd(
         schedules = [schedule]
         if compare and sigma_blur_max is not None:
             raise UsageError("--compare gives the sigma_blur_max values to plot; --sigma-blur-max would be ignored")
+        if compare is not None and not compare.strip():
+            raise UsageError("--compare is empty (an unset shell variable?): give sigma_blur_max values such as 0,2,20")
         if compare:
             values = [_number(v) for v in compare.split(",") if v.strip()]
             if None in values:
@@ -301,7 +312,10 @@ def train_cmd(
                "train.batch_size": ("--batch-size", batch_size), "train.device": ("--device", device),
                "train.seed": ("--seed", seed)}
     overrides = list(sets or []) + [f"{key}={value}" for key, (_, value) in options.items() if value is not None]
-    with user_errors(), _naming_options({key: opt for key, (opt, value) in options.items() if value is not None}):
+    given = {key: opt for key, (opt, value) in options.items() if value is not None}
+    with user_errors():
+        _set_once(given, sets)  # before errors name options: it names both
+    with user_errors(), _naming_options(given):
         if resume:
             if preset is not None or (out_dir is not None and out_dir.resolve() != resume.resolve()):
                 raise UsageError("--resume continues a run with its own config in its own directory; --preset and --out "
@@ -357,7 +371,7 @@ def train_cmd(
         made = first_missing(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         rank = os.environ.get("RANK", "").strip()
-        main = not rank.isdigit() or int(rank) == 0  # "00" is rank 0 too; a bad value is refused by init_distributed
+        main = not (rank.isascii() and rank.isdigit()) or int(rank) == 0  # "00" is rank 0 too; a bad value is refused by init_distributed
         if main:
             out.print(f"Training [bold]{cfg.preset or 'custom'}[/] into {run_dir} ({cfg.data.dataset}, "
                       f"{cfg.data.resolution}px, sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.train.steps} steps)",
@@ -368,7 +382,7 @@ def train_cmd(
                 result = train(cfg, run_dir, resume=resume is not None, progress=progress)
         except RunLocked:  # the folder is the other training's now: never removed
             raise
-        except (UserError, KeyboardInterrupt):  # Ctrl-C during start-up too: no checkpoint yet, no folder left
+        except BaseException:  # an error or Ctrl-C during start-up too: no checkpoint yet, no folder left
             if made is not None:
                 _remove_unstarted_run(run_dir, made)
             raise
@@ -432,14 +446,14 @@ def _check_config_file(run_dir: Path, saved) -> int | None:
     file has none), as the steps the run was last asked to reach."""
     import yaml
 
-    from .config import to_dict
+    from .config import load_yaml, to_dict
 
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
     try:
-        mine = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        mine = load_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
         mine = None
     theirs = to_dict(saved)
     if not isinstance(mine, dict):
@@ -541,12 +555,12 @@ def _is_bdm_config(path: Path) -> bool:
     writes every section and every key; a user's preset holds only differences."""
     import yaml
 
-    from .config import Config, ConfigError, from_dict, to_dict
+    from .config import Config, ConfigError, from_dict, load_yaml, to_dict
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
         from_dict(data)
-    except (ConfigError, OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, ValueError, AttributeError):
+    except (ConfigError, OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, TypeError, ValueError, AttributeError):
         return False
     full = to_dict(Config())
     return (set(data) == set(full)

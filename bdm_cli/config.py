@@ -26,7 +26,7 @@ from .errors import UsageError
 from .paths import user_path
 from .engine import GRIDS, SAMPLERS, BlurSchedule
 
-__all__ = ["Config", "ConfigError", "DEVICES", "MAX_WORKERS", "load_config", "list_presets", "preset_path", "apply_overrides", "to_dict", "from_dict"]
+__all__ = ["Config", "ConfigError", "DEVICES", "MAX_WORKERS", "load_config", "list_presets", "preset_path", "apply_overrides", "to_dict", "from_dict", "load_yaml"]
 
 
 MAX_WORKERS = 64  # data loader processes: data.num_workers, and bdm fid --workers
@@ -76,7 +76,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True  # bf16 autocast in the network on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX)
     skip_nonfinite: bool = False  # skip (and count) batches whose loss is NaN/inf instead of stopping
-    compile: str = "auto"  # torch.compile the network (CUDA graphs on one GPU): true | false | auto (CUDA only; minutes on a CPU)
+    compile: typing.Literal["auto", "true", "false"] = "auto"  # torch.compile the network (CUDA graphs on one GPU): true | false | auto (CUDA only; minutes on a CPU)
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,10 @@ class Config:
         checks = [
             (all(r >= 1 for r in self.model.attn_resolutions),
              f"model.attn_resolutions must be feature map sizes (px) >= 1, got {list(self.model.attn_resolutions)}"),
-            (self.sample.sampler in SAMPLERS, f"sample.sampler must be one of {', '.join(SAMPLERS)}"),
-            (self.train.compile.lower() in ("auto", "true", "false"), "train.compile must be auto, true or false"),
-            (self.sample.grid in ("",) + GRIDS, f"sample.grid must be empty or one of {', '.join(GRIDS)}"),
+            (self.sample.sampler in SAMPLERS, f"sample.sampler must be one of {', '.join(SAMPLERS)}, got "
+                                              f"{self.sample.sampler!r}"),
+            (self.sample.grid in ("",) + GRIDS, f"sample.grid must be empty or one of {', '.join(GRIDS)}, got "
+                                                f"{self.sample.grid!r}"),
             (self.data.resolution >= 4, "data.resolution must be >= 4"),
             (self.data.channels in (1, 3), "data.channels must be 1 or 3"),
             (self.model.channels > 0 and len(self.model.channel_mult) > 0, "model.channels and model.channel_mult must be positive"),
@@ -256,8 +257,9 @@ _PresetLoader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
 _PresetLoader.add_constructor("tag:yaml.org,2002:float", _yaml_float)
 
 
-def _load_yaml(text: str):
-    """One YAML document through :class:`_PresetLoader` (presets and ``--set`` values read alike)."""
+def load_yaml(text: str):
+    """One YAML document through :class:`_PresetLoader` (presets, ``--set`` values and a run's config.yaml read
+    alike: ``010`` is ten, never YAML 1.1's octal eight)."""
     loader = _PresetLoader(text)  # a SafeLoader: only plain YAML types are built
     try:
         return loader.get_single_data()
@@ -267,7 +269,7 @@ def _load_yaml(text: str):
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = _load_yaml(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file (a preset is YAML text)") from None
     except RecursionError:
@@ -286,6 +288,11 @@ def _read_yaml(path: Path) -> dict:
 def _coerce(value: Any, typ: Any, name: str) -> Any:
     """Convert a YAML or command-line value to the dataclass field's type, or raise ConfigError."""
     origin = typing.get_origin(typ)
+    if origin is typing.Literal:  # a choice of words; YAML's true/false are the words "true"/"false" here
+        text = str(value).lower() if isinstance(value, (str, bool)) else None
+        if text not in typing.get_args(typ):
+            raise ConfigError(f"{name} must be one of {', '.join(typing.get_args(typ))}, got {reprlib.repr(value)}")
+        return text
     if origin is tuple:
         if isinstance(value, str):  # "1,2" or "(1, 2)" as typed; one pair of brackets at most, so "[1][2]" is no 12
             inner = re.fullmatch(r"\s*(?:\[([^][()]*)\]|\(([^][()]*)\)|([^][()]*))\s*", value)
@@ -373,8 +380,9 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"{_seen[0]}: preset 'extends' chain longer than 16 files")
         data = _read_yaml(path)
         parent = data.pop("extends", None)
-        if isinstance(data.get("preset"), str):  # a run's config.yaml names its preset: informational, so it can
-            data.pop("preset")                   # serve as a preset itself (to train the same model again)
+        if "preset" in data:  # a run's config.yaml names its preset: informational, so it can serve as a preset
+            if not isinstance(data.pop("preset"), str):  # itself (to train the same model again)
+                raise ConfigError(f"{path.name}: 'preset' is the name of the preset a run came from, a text")
         if parent is not None and (not isinstance(parent, str) or not parent):  # extends: 0 / false / "" meant something
             raise ConfigError(f"{path.name}: 'extends' must name a preset or a .yaml file, got {parent!r}")
         if parent:
@@ -408,7 +416,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
             parsed = value
         else:
             try:
-                parsed = _load_yaml(value) if value.strip() else ""
+                parsed = load_yaml(value) if value.strip() else ""
             except (yaml.YAMLError, RecursionError):
                 parsed = value  # the field's type check says what was wrong with it
             # Keep strings that YAML would turn into dates or other exotic types as strings.

@@ -258,10 +258,12 @@ def _image_files(folder: Path) -> list[str]:
     def unreadable(e: OSError) -> None:
         warnings.warn(f"skipping unreadable folder {shown(e.filename)} ({why_unreadable(e)})", stacklevel=1)
 
-    names, seen = [], set()
+    names, seen, top = [], set(), os.path.realpath(folder)
     for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(root)
-        if real in seen:
+        if real in seen or (real != top and top.startswith(real.rstrip(os.sep) + os.sep)):
+            if real not in seen:  # a link up the tree (`up -> ..`): the dataset's own folders, its siblings, its runs
+                warnings.warn(f"skipping {shown(root)}: a link to a folder that holds the dataset", stacklevel=1)
             dirs[:] = []
             continue
         seen.add(real)
@@ -289,6 +291,8 @@ def cifar10_uint8(split: str):
     if split not in ("train", "test"):  # torchvision's flag would read any other name as the training set
         raise DataError(f"cifar10 has the splits train and test, got data.split {split!r}")
     root = user_path(os.environ.get("BDM_DATA_DIR") or cache_home())
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root} is not a folder: set BDM_DATA_DIR to the folder that holds (or will hold) CIFAR-10")
     made = first_missing(root)
     try:
         return CIFAR10(str(root), train=split == "train", download=True).data

@@ -184,6 +184,8 @@ def _weights_path(path: str | Path | None) -> Path | None:
     path = path or os.environ.get(WEIGHTS_ENV)
     if not path:
         return None
+    if isinstance(path, str) and not path.strip():  # "Inception weights not found:  " showed nothing
+        raise UserError(f"{WEIGHTS_ENV} is blank: unset it, or set it to the weights file")
     path = user_path(path)  # $BDM_INCEPTION_WEIGHTS may start with ~ (a Path option comes back as it is)
     if not path.is_file():
         raise UserError(f"Inception weights {path} is not a regular file (a folder, pipe or device)" if path.exists()
@@ -518,14 +520,15 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
         raise UserError(f"{what}: feats must be finite numbers of shape [n, {dims}], got {feats.dtype} {feats.shape}")
     n = arrays.get("n")
     n = int(n) if n is not None and n.dtype.kind in "iu" and n.size == 1 else -1
-    if feats is not None and n >= 0 and (len(feats) > n or (n <= RESERVOIR and len(feats) != n)):
-        # feats are every image's features, or a reservoir sample of RESERVOIR of them: never more than n
-        raise UserError(f"{what}: it holds {len(feats)} feature rows for n = {n} images (at most n, all n up to "
-                        f"{RESERVOIR:,})")
-    if feats is not None and len(feats) == n >= 2:  # every image's features: FID's mean and variances are theirs
+    if feats is not None and (n < 2 or len(feats) != min(n, RESERVOIR)):
+        # feats are every image's features, or a reservoir sample of RESERVOIR of them (bdm always writes n with them)
+        raise UserError(f"{what}: it holds {len(feats)} feature rows for n = {n if n >= 0 else 'unknown'} images (all n "
+                        f"up to {RESERVOIR:,}, then {RESERVOIR:,}; n must be given with feats)")
+    if feats is not None:  # FID's mean and variances are those of the feats (of all of them; a reservoir's: nearly)
         scale = 1e-3 * (1 + np.abs(feats).max())
-        if not (np.allclose(mu, feats.mean(0), rtol=1e-3, atol=scale)
-                and np.allclose(np.diag(sigma), feats.var(0, ddof=1), rtol=1e-2, atol=scale)):
+        spread = 0 if n <= RESERVOIR else 8 * np.sqrt(np.clip(np.diag(sigma), 0, None) / len(feats))  # 8 std errors
+        if not (np.all(np.abs(mu - feats.mean(0)) <= 1e-3 * np.abs(mu) + scale + spread)
+                and (n > RESERVOIR or np.allclose(np.diag(sigma), feats.var(0, ddof=1), rtol=1e-2, atol=scale))):
             raise UserError(f"{what}: its mu and sigma are not the statistics of its feats (FID and KID would score "
                             "different images): write it again with bdm fid --save-stats")
     return mu, sigma, n, feats

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -129,6 +130,11 @@ class Dist:
         return self.rank == 0
 
 
+def whole(text: str) -> bool:
+    """A whole number in ASCII digits (``"²".isdigit()`` is true, and ``int("١")`` is 1)."""
+    return text.isascii() and text.isdigit()
+
+
 def init_distributed(device_name: str) -> Dist:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: nccl on GPUs, gloo on CPUs (also for one process, so that
     ``torchrun --nproc_per_node 1`` runs the same DistributedDataParallel path as eight)."""
@@ -140,9 +146,17 @@ def init_distributed(device_name: str) -> Dist:
     if missing := [k for k in names if k not in given and k != "LOCAL_RANK"]:  # torchrun sets them all
         raise UserError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set but not {', '.join(missing)}: run several "
                         f"processes with torchrun (it sets them all), or unset {', '.join(given)} for one process")
-    if not all(v.isdigit() for v in values.values() if v) or int(values["RANK"]) >= int(values["WORLD_SIZE"] or 0):
+    if not all(whole(v) for v in values.values() if v) or int(values["RANK"]) >= int(values["WORLD_SIZE"] or 0):
         raise UserError(f"torchrun's variables do not fit: WORLD_SIZE={values['WORLD_SIZE']!r} RANK={values['RANK']!r} "
                         f"LOCAL_RANK={values['LOCAL_RANK']!r} (whole numbers, RANK below WORLD_SIZE)")
+    address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    if not (whole(port) and 1 <= int(port) <= 65535):  # torch's own errors are tracebacks from its rendezvous
+        raise UserError(f"MASTER_PORT={port!r} is no port (a whole number in 1..65535)")
+    try:  # an unknown host: torch retries it for minutes, printing C++ log lines
+        socket.getaddrinfo(address, int(port))
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"MASTER_ADDR={address!r} cannot be resolved ({getattr(e, 'strerror', None) or e}): give rank "
+                        "0's host name or address") from None
     local = int(os.environ.get("LOCAL_RANK") or 0)
     cuda = resolve_device(device_name, local).type == "cuda"
     if cuda:
@@ -285,7 +299,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     step = 0
     if resume:
         state = load_checkpoint(run_dir / CHECKPOINT)
-        check_resumable(state, run_dir / CHECKPOINT, ddp.world)
+        check_resumable(state, run_dir / CHECKPOINT, [p for group in opt.param_groups for p in group["params"]])
         check_data_stats(state.get("data_stats"), cfg, run_dir / CHECKPOINT)
         load_weights(model, state["model"]), load_weights(ema, state.get("ema", state["model"]))
         step, rng = int(state["step"]), state["rng"]
@@ -301,6 +315,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if cuda:
         model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
+    if ddp.distributed:  # a performance note of DDP's (some gradients' layout differs from its buckets), every run
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if ddp.distributed else model
 
     # CUDA graphs on one process; DDP's gradient all-reduce runs between the graphs' kernels, so there plain compile

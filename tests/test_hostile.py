@@ -1463,8 +1463,10 @@ def test_round_eleven_cli(good_run, tmp_path, image_file, monkeypatch):
     feats = rng.normal(size=(30, 64))
     np.savez(tmp_path / "rows.npz", mu=np.zeros(64), sigma=np.eye(64), n=5, feats=feats)
     assert "30 feature rows for n = 5" in one_line_error(invoke("fid", tmp_path / "rows.npz", "digits", "--dims", 64), 1)
-    f16 = dict(mu=np.zeros(64, np.float16), sigma=np.eye(64, dtype=np.float16), feats=np.full((4, 64), 6e4, np.float16))
-    np.savez(tmp_path / "f16.npz", **f16)  # 6e4 fits float16 (65504 at most); compared with 1e6 there, numpy warned
+    rows = np.tile(np.array([[1.0], [-1.0], [1.0], [-1.0]]), (1, 64))  # mean 0, variance 4/3
+    f16 = dict(mu=np.zeros(64, np.float16), sigma=(np.eye(64) * 4 / 3).astype(np.float16), n=4,
+               feats=rows.astype(np.float16))
+    np.savez(tmp_path / "f16.npz", **f16)  # float16 compared with 1e6 (the magnitude check) made numpy warn
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         r = invoke("fid", tmp_path / "f16.npz", tmp_path / "f16.npz", "--dims", 64)
@@ -1831,3 +1833,97 @@ def test_round_thirteen_names_and_messages(good_run, tmp_path, monkeypatch):
     assert fid._digits_uint8(8).shape[-2:] == (8, 8)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
         "MINE.YAML", "ex", "i", "lab.tif", "mine.yaml", "nomodel"]
+
+
+def test_round_fourteen_data_and_checkpoints(good_run, tmp_path, monkeypatch):
+    """A link up the tree read the dataset's parent (the run's own grids too); statistics with feats but no n, or a
+    reservoir's n, escaped round thirteen's check; an optimizer state of another dtype trained on silently, one of
+    another shape crashed torch's fused kernel, a negative second moment was blamed on the loss; config.yaml's 010
+    was YAML 1.1's eight."""
+    from bdm_cli import fid
+    from bdm_cli.data import image_names
+
+    data = _images(tmp_path / "lk" / "data", n=2)
+    (data / "up").symlink_to("..")
+    _images(tmp_path / "lk" / "sibling", n=3)
+    with pytest.warns(UserWarning, match="a link to a folder that holds the dataset"):
+        assert image_names(data, "") == ["0.png", "1.png"]
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(50, 64))
+    for n in (None, 20_000):
+        np.savez(tmp_path / "s.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), feats=feats,
+                 **({} if n is None else {"n": n}))
+        with pytest.raises(fid.UserError, match="feature rows for n"):
+            fid.read_stats(tmp_path / "s.npz", 64)
+    for damage in ("dtype", "shape", "negative"):
+        run = _copy_run(good_run, tmp_path / damage)
+        state = load_checkpoint(run / "checkpoint.pt")
+        for moments in state["opt"]["state"].values():
+            moments["exp_avg_sq"] = {"dtype": lambda v: v.to(torch.int32), "shape": lambda v: v.flatten()[:1].clone(),
+                                     "negative": lambda v: v - 1}[damage](moments["exp_avg_sq"])
+        torch.save(state, run / "checkpoint.pt")
+        before = (run / "checkpoint.pt").read_bytes()
+        assert "optimizer state is damaged" in one_line_error(invoke("train", "--resume", run, "--steps", 3), 1)
+        assert (run / "checkpoint.pt").read_bytes() == before
+    run = _copy_run(good_run, tmp_path / "octal")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("  steps: 2\n", "  steps: 010\n"))
+    assert invoke("train", "--resume", run).exit_code == 0 and load_checkpoint(run / "checkpoint.pt")["step"] == 10
+
+
+def test_round_fourteen_cli(tmp_path, monkeypatch):
+    """Other scripts' digits and a bad port in torchrun's variables were tracebacks that left an empty run folder, an
+    unknown MASTER_ADDR hung printing C++ log lines; an option and a --set of one key, a preset's `compile: false`,
+    `preset: 5`, a file as BDM_DATA_DIR, a blank BDM_INCEPTION_WEIGHTS, `--compare ""`."""
+    from bdm_cli.config import load_config
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    for change, words in (({"RANK": "²"}, "torchrun's variables do not fit"), ({"WORLD_SIZE": "١"}, "do not fit"),
+                          ({"MASTER_PORT": "notaport"}, "MASTER_PORT='notaport' is no port"),
+                          ({"MASTER_PORT": "99999"}, "is no port"),
+                          ({"MASTER_ADDR": "no.such.host.invalid"}, "cannot be resolved")):
+        for key, value in {**env, **change}.items():
+            monkeypatch.setenv(key, value)
+        assert words in one_line_error(invoke("train", "--preset", "tiny", "--steps", 1, "--out", tmp_path / "r"), 1)
+        assert not (tmp_path / "r").exists()
+    for key in env:
+        monkeypatch.delenv(key)
+    assert "--steps and --set train.steps both set it" in one_line_error(
+        invoke("train", "--preset", "tiny", "--steps", 6, "--set", "train.steps=5", "--out", tmp_path / "r"), 2)
+    (tmp_path / "c.yaml").write_text("extends: tiny\ntrain:\n  compile: false\nsample:\n  sampler: unipc\n")
+    assert load_config(str(tmp_path / "c.yaml")).train.compile == "false"
+    (tmp_path / "p.yaml").write_text("extends: tiny\npreset: 5\n")
+    assert "'preset' is the name of the preset" in one_line_error(invoke("schedule-plot", "--preset", tmp_path / "p.yaml"))
+    assert "got 'UNIPC'" in one_line_error(invoke("train", "--preset", "tiny", "--set", "sample.sampler=UNIPC"), 2)
+    assert "must be one of auto, true, false, got 'maybe'" in one_line_error(
+        invoke("train", "--preset", "tiny", "--set", "train.compile=maybe"), 2)
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("BDM_DATA_DIR", str(tmp_path / "afile"))
+    assert "is not a folder" in one_line_error(invoke("train", "--preset", "tiny", "--data", "cifar10", "--out", tmp_path / "r"))
+    monkeypatch.setenv("BDM_INCEPTION_WEIGHTS", "  ")
+    assert "BDM_INCEPTION_WEIGHTS is blank" in one_line_error(invoke("fid", _images(tmp_path / "i", n=2), tmp_path / "i"))
+    assert "--compare is empty" in one_line_error(invoke("schedule-plot", "--compare", "", "--out", tmp_path / "s.png"), 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "c.yaml", "i", "p.yaml"]
+
+
+def test_round_fourteen_engine():
+    """Complex, Fraction and meta times failed inside torch or inside the check itself; an int generator in len();
+    a model's output on another device in torch; clip_denoised="no" clipped."""
+    from fractions import Fraction
+
+    from bdm_cli.engine import BlurSchedule, diffuse, sample
+
+    s, x = BlurSchedule(sigma_blur_max=2), torch.rand(2, 1, 8, 8)
+    zero = lambda z, t: torch.zeros_like(z)  # noqa: E731
+    cases = [
+        (lambda: diffuse(x, torch.rand(2, dtype=torch.complex64), x, s), TypeError, "t must be a real tensor"),
+        (lambda: diffuse(x, torch.rand(2, device="meta"), x, s), TypeError, "meta"),
+        (lambda: diffuse(x, Fraction(1, 2), x, s), TypeError, "t must be a tensor or a number"),
+        (lambda: diffuse(x.to("meta"), 0.5, x.to("meta"), s), TypeError, "x is a meta tensor"),
+        (lambda: sample(zero, x, s, 2, sampler="ancestral", generator=5), TypeError, "generator must be None"),
+        (lambda: sample(zero, x, s, 2, generator=[torch.Generator()]), ValueError, "1 generators for a batch of 2"),
+        (lambda: sample(lambda z, t: torch.zeros_like(z, device="meta"), x, s, 2), ValueError, "on meta for an input on cpu"),
+        (lambda: sample(zero, x, s, 2, clip_denoised="no"), TypeError, "clip_denoised must be True or False"),
+    ]
+    for call, kind, words in cases:
+        with pytest.raises(kind, match=re.escape(words)):
+            call()

@@ -209,7 +209,7 @@ def test_fid_cli_prints_kid(tmp_path, monkeypatch):
     assert value(r.output, "FID") == fid_value and "KID:" not in r.output
     assert "Note: KID skipped: the first input has only mu/sigma (.npz); KID needs the Inception features" in r.output
     with np.load(tmp_path / "a.npz") as f:
-        # no n: one feature row for 20 images is refused (the rows are every image's, up to 10,000)
+        # no n: one feature row for 20 images is refused (the rows are every image's, up to 10,000, and bdm writes n)
         np.savez(tmp_path / "one.npz", mu=f["mu"], sigma=f["sigma"], feats=f["feats"][:1])
     r = invoke("fid", tmp_path / "a.npz", tmp_path / "one.npz", *common)
-    assert r.exit_code == 0 and "KID skipped: it needs at least 2 images in each set, got 20 and 1" in r.output
+    assert r.exit_code == 1 and "1 feature rows for n = unknown images" in r.output, r.output

@@ -4,10 +4,12 @@ a NaN, a broadcast into plausible numbers, or an error from deep inside torch.""
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["check_whole", "check_times", "check_images", "check_schedule", "check_model_output", "check_bounds"]
+__all__ = ["check_whole", "check_times", "check_images", "check_schedule", "check_model_output", "check_bounds", "check_generator"]
 
 
 def check_whole(value, name: str, low: int = 1, high: int | None = None) -> None:
@@ -22,10 +24,12 @@ def check_times(t, name: str = "t") -> None:
     Checked for Python numbers and CPU tensors; on a GPU the check would stall every training step on a host
     synchronisation, so there the caller's t (``torch.rand``, a time grid) is trusted."""
     if isinstance(t, torch.Tensor):
+        if t.is_complex() or t.dtype == torch.bool or t.is_meta:  # no order (complex), no values (meta)
+            raise TypeError(f"{name} must be a real tensor with values, got {'a meta' if t.is_meta else t.dtype} tensor")
         if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
             bad = t[~((t >= 0) & (t <= 1))].flatten()[0].item()
             raise ValueError(f"{name} must be in [0, 1], got {bad}")
-    elif isinstance(t, numbers.Real) and not isinstance(t, bool):
+    elif isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, bool):  # what torch converts
         if not 0 <= t <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {t}")
     else:
@@ -38,6 +42,8 @@ def check_images(x, name: str = "x", batch=None) -> None:
     one per image (t of another length broadcast one image into several)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [B, C, H, W], got {type(x).__name__}")
+    if x.is_meta:
+        raise TypeError(f"{name} is a meta tensor (a shape without values)")
     if x.ndim != 4 or 0 in x.shape:
         raise ValueError(f"{name} must be [B, C, H, W] with no empty dim, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -65,6 +71,8 @@ def check_model_output(eps, z: torch.Tensor) -> None:
         raise ValueError(f"the model returned shape {tuple(eps.shape)} for an input of shape {tuple(z.shape)}")
     if not eps.is_floating_point():  # False for complex too
         raise TypeError(f"the model returned a {eps.dtype} tensor, not a real floating-point one")
+    if eps.device != z.device:
+        raise ValueError(f"the model returned a tensor on {eps.device} for an input on {z.device}")
 
 
 def check_bounds(bounds, shape, name: str = "denoised_range") -> None:
@@ -84,3 +92,13 @@ def check_bounds(bounds, shape, name: str = "denoised_range") -> None:
         i = bad.nonzero()[0].tolist()
         raise ValueError(f"{name} must be finite with low_u <= high_u everywhere, got low_u {low[tuple(i)].item()} and "
                          f"high_u {high[tuple(i)].item()} at {i}")
+
+
+def check_generator(generator, batch: int) -> None:
+    """None, one ``torch.Generator``, or one per image of the batch (an int seed failed in ``len()``)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not (isinstance(generator, Sequence) and all(isinstance(g, torch.Generator) for g in generator)):
+        raise TypeError(f"generator must be None, a torch.Generator or one per image, got {type(generator).__name__}")
+    if len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for a batch of {batch}")

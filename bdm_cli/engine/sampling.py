@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checks import check_bounds, check_images, check_model_output, check_schedule, check_whole
+from .checks import check_bounds, check_generator, check_images, check_model_output, check_schedule, check_whole
 from .dct import dct2, idct2
 from .diffusion import Model, posterior_coefficients
 from .schedule import BlurSchedule
@@ -124,10 +124,9 @@ def randn(shape: Sequence[int], generator: Generator = None, *, dtype=torch.floa
     """Standard normal noise; with a list of generators, row ``i`` is drawn from ``generator[i]``,
     so a sample depends only on its own generator, not on the batch it is in (EDM's
     StackedRandomGenerator)."""
+    check_generator(generator, shape[0])
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(*shape, generator=generator, dtype=dtype, device=device)
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
     return torch.stack([torch.randn(*shape[1:], generator=g, dtype=dtype, device=device) for g in generator])
 
 
@@ -323,6 +322,9 @@ def sample(
     check_whole(steps, "steps", 1, MAX_STEPS)
     check_images(noise, "noise")
     check_schedule(schedule)
+    check_generator(generator, noise.shape[0])
+    if not isinstance(clip_denoised, bool):  # "no" is truthy
+        raise TypeError(f"clip_denoised must be True or False, got {clip_denoised!r}")
     if noise.dtype == torch.float16 and schedule.sigma_blur_max > 0:
         raise TypeError("float16 cannot hold the blur's per-frequency scales (up to 1e5; the samples would be NaN): "
                         "sample in float32 or bfloat16")
