@@ -157,7 +157,7 @@ def _t_values(ts: list[str] | None) -> list[float]:
                 raise UsageError(f"--t must be a number in [0, 1], got {part!r}")
             if not 0.0 <= t <= 1.0:
                 raise UsageError(f"--t must be in [0, 1], got {part.strip()}")  # as typed: 1.0000000001 is not "1"
-            values.append(t)
+            values.append(t + 0.0)  # -0 is 0
     return values  # a time twice is the same column twice, harmless (--compare refuses it: its lines would hide)
 
 
@@ -170,12 +170,14 @@ def _set_once(given: dict[str, str], sets: list[str] | None) -> None:
             raise UsageError(f"{given[key]} and --set {key} both set it: give one")
 
 
-def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float | None, blur: str | None):
+def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float | None, blur: str | None,
+                      size: int | None):
     from .config import ConfigError, apply_overrides, load_config
 
     cfg = load_config(preset, sets or [])
     options = (("--sigma-blur-max", "sigma_blur_max", sigma_blur_max), ("--blur", "blur", blur))
-    _set_once({f"diffusion.{key}": flag for flag, key, value in options if value is not None}, sets)
+    _set_once({f"diffusion.{key}": flag for flag, key, value in options if value is not None}
+              | ({"data.resolution": "--size"} if size is not None else {}), sets)
     for flag, key, value in options:
         if value is not None:
             try:
@@ -207,7 +209,7 @@ def blur_preview_cmd(
 
     with user_errors():
         ts = _t_values(t)
-        cfg = _diffusion_config(preset, sets, sigma_blur_max, blur)
+        cfg = _diffusion_config(preset, sets, sigma_blur_max, blur, size)
         resolution = size if size is not None else cfg.data.resolution
         if not 2 <= resolution <= MAX_PREVIEW:
             raise UsageError(f"--size must be in 2..{MAX_PREVIEW}, got {resolution}")
@@ -250,7 +252,7 @@ def schedule_plot_cmd(
             raise UsageError(f"--format must be png or svg, got {fmt!r}")
         if out_path is not None and suffix != fmt:
             raise UsageError(f"--out {out_path} does not end in .{fmt}: the plot is written as {fmt} (--format png or svg)")
-        cfg = _diffusion_config(preset, sets, sigma_blur_max, blur)
+        cfg = _diffusion_config(preset, sets, sigma_blur_max, blur, size)
         schedule = cfg.diffusion
         schedules = [schedule]
         if compare and sigma_blur_max is not None:
@@ -332,9 +334,10 @@ def train_cmd(
                     check_writable(run_dir / name)
             saved = checkpoint_config(state)
             asked = _check_config_file(run_dir, saved)
+            target = saved
             if asked is not None and asked != saved.train.steps:  # an edit, or a --steps resume stopped before its
-                overrides = [f"train.steps={asked}", *overrides]  # checkpoint: reached unless --steps says otherwise
-            cfg = apply_overrides(saved, overrides).validate()
+                target = apply_overrides(saved, [f"train.steps={asked}"])  # checkpoint: reached unless --steps differs
+            cfg = apply_overrides(target, overrides).validate()
             _check_resume_overrides(saved, cfg)
             if isinstance(state.get("step"), int) and cfg.train.steps < state["step"]:
                 raise UsageError(f"train.steps {cfg.train.steps} is below the run's step {state['step']}: give the total "
@@ -545,6 +548,10 @@ def _check_resume_overrides(saved, cfg) -> None:
     for section, values in after.items():
         if isinstance(values, dict):
             for key, value in values.items():
+                if (section, key) == ("train", "seed") and before[section][key] != value:  # its streams go on
+                    raise UsageError(f"train.seed cannot change on --resume: the run goes on with its own random "
+                                     f"streams (seed {before[section][key]}), and its config must say so; start a new "
+                                     f"run for seed {value}")
                 if _fixed_on_resume(section, key) and before[section][key] != value:
                     raise UsageError(f"--set {section}.{key} cannot change on --resume: the run's weights were made for "
                                      f"{before[section][key]!r}; start a new run (bdm train --out NEW_DIR) for {value!r}")

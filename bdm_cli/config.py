@@ -160,7 +160,7 @@ class Config:
 
 
 MAX_RESOLUTION = 1024  # LSUN-scale images and beyond; larger would not fit a UNet in memory anyway
-DEVICES = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")  # as torch spells them (ASCII digits: \d takes any script's)
+DEVICES = re.compile(r"auto|cpu(:0)?|cuda(:[0-9]+)?|mps(:0)?")  # as torch spells them (ASCII digits: \d takes any script's)
 
 
 # -- presets ----------------------------------------------------------------------
@@ -254,6 +254,7 @@ def _yaml_float(loader: yaml.SafeLoader, node) -> float | str:
 
 
 _PresetLoader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
+_PresetLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?0o[0-7_]+$"), list("-+0"))  # YAML 1.2
 _PresetLoader.add_constructor("tag:yaml.org,2002:float", _yaml_float)
 
 
@@ -263,6 +264,8 @@ def load_yaml(text: str):
     loader = _PresetLoader(text)  # a SafeLoader: only plain YAML types are built
     try:
         return loader.get_single_data()
+    except (ValueError, KeyError, TypeError, OverflowError) as e:  # a value its tag cannot build: 2023-02-29, !!int x
+        raise yaml.YAMLError(f"a value YAML cannot read ({type(e).__name__}: {e})") from None
     finally:
         loader.dispose()
 
@@ -329,7 +332,7 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         if typ is float:
             if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise ValueError
-            return float(value)
+            return float(value) + 0.0  # -0 is 0
         if typ is str:
             if not isinstance(value, str):  # YAML reads `dataset: 01` as 1 and `split: yes` as True: never retyped
                 kind = "nothing" if value is None else f"the {type(value).__name__} {reprlib.repr(value)}"
@@ -380,9 +383,9 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"{_seen[0]}: preset 'extends' chain longer than 16 files")
         data = _read_yaml(path)
         parent = data.pop("extends", None)
-        if "preset" in data:  # a run's config.yaml names its preset: informational, so it can serve as a preset
-            if not isinstance(data.pop("preset"), str):  # itself (to train the same model again)
-                raise ConfigError(f"{path.name}: 'preset' is the name of the preset a run came from, a text")
+        name = data.pop("preset", None)  # a run's config.yaml names its preset: it serves as a preset itself
+        if name is not None and not isinstance(name, str):  # (to train the same model again, under that name)
+            raise ConfigError(f"{path.name}: 'preset' is the name of the preset a run came from, a text")
         if parent is not None and (not isinstance(parent, str) or not parent):  # extends: 0 / false / "" meant something
             raise ConfigError(f"{path.name}: 'extends' must name a preset or a .yaml file, got {parent!r}")
         if parent:
@@ -391,7 +394,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
                 # current folder: the same preset gives the same config wherever it is run from
                 parent = str(path.parent / user_path(parent))
             cfg = load_config(parent, (), _seen + (key,))
-        cfg = replace(_merge(cfg, data, path.name), preset=path.stem)
+        cfg = replace(_merge(cfg, data, path.name), preset=name if name and re.fullmatch(r"\w[\w.-]*", name) else path.stem)
     return apply_overrides(cfg, overrides).validate()
 
 
@@ -412,6 +415,8 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        if name in data.get(section, {}):  # as a key twice in a preset: one would silently win
+            raise ConfigError(f"--set {section}.{name} is given twice: give it once")
         if _field_type(section, name) is str:
             parsed = value
         else:

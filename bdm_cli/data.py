@@ -216,7 +216,8 @@ def image_names(source: Path, split: str) -> list[str]:
     elif zipfile.is_zipfile(source):
         try:
             with zipfile.ZipFile(source) as z:
-                images = [n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX")]
+                images = [n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX")
+                          and not n.endswith("/")]  # a folder entry named like an image (d.png/)
             members = {n.replace("\\", "/"): n for n in images}
             if len(members) < len(images):  # zipfile reads only the last of members with one name
                 dup = next(n for n, k in Counter(n.replace("\\", "/") for n in images).items() if k > 1)
@@ -267,6 +268,10 @@ def _image_files(folder: Path) -> list[str]:
             dirs[:] = []
             continue
         seen.add(real)
+        if {"checkpoint.pt", "config.yaml"} <= set(files):  # a bdm run (reached by a link, say): its grids are no data
+            warnings.warn(f"skipping {shown(root)}: a bdm run's folder", stacklevel=1)
+            dirs[:] = []
+            continue
         rel = Path(root).relative_to(folder)
         names += [(rel / f).as_posix() for f in files
                   if Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(root, f))]
@@ -344,8 +349,9 @@ def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = 
         images = cifar10_uint8(split)
         return TensorImages(torch.stack([preprocess(Image.fromarray(a), resolution, channels) for a in images]))
     images = FileImages(source, image_names(source, split), resolution, channels)
-    if images.names:
-        _warn_if_grey(shown(source), images.mode(0), channels)
+    if channels == 1:  # a few headers, spread over the dataset (its first image may be the one grey one)
+        picks = sorted({round(k * (len(images) - 1) / 7) for k in range(8)})
+        _warn_if_grey(shown(source), next((m for i in picks if (m := images.mode(i)) in COLOUR_MODES), None), channels)
     return images
 
 

@@ -13,6 +13,7 @@ feature rows, so memory stays flat for any number of images.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -519,7 +520,7 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
                               or not np.isfinite(feats).all()):
         raise UserError(f"{what}: feats must be finite numbers of shape [n, {dims}], got {feats.dtype} {feats.shape}")
     n = arrays.get("n")
-    n = int(n) if n is not None and n.dtype.kind in "iu" and n.size == 1 else -1
+    n = int(n.reshape(-1)[0]) if n is not None and n.dtype.kind in "iu" and n.size == 1 else -1
     if feats is not None and (n < 2 or len(feats) != min(n, RESERVOIR)):
         # feats are every image's features, or a reservoir sample of RESERVOIR of them (bdm always writes n with them)
         raise UserError(f"{what}: it holds {len(feats)} feature rows for n = {n if n >= 0 else 'unknown'} images (all n "
@@ -545,6 +546,14 @@ def check_input(source: str) -> None:
         raise UserError(f"{shown(source)} is neither a folder nor a regular file (a pipe or device?)")
     if Path(source).is_dir() and (Path(source) / "checkpoint.pt").is_file():  # its images are only preview grids
         raise UsageError(f"{shown(source)} is a bdm run folder: score its model with --run {shown(source)} --ref REF")
+    path = Path(source)
+    if source not in NAMED_REFS and path.is_file() and path.suffix.lower() != ".npz":  # images come in a zip
+        if not zipfile.is_zipfile(path):
+            raise UserError(f"{shown(source)} is neither a zip of images nor a .npz of statistics")
+        with contextlib.suppress(*READ_ERRORS):
+            with zipfile.ZipFile(path) as z:
+                if {"mu.npy", "sigma.npy"} <= set(z.namelist()):  # it would be read as a zip without images
+                    raise UsageError(f"{shown(source)} holds FID statistics: name it .npz")
 
 
 def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, feats: np.ndarray | None = None) -> Path:

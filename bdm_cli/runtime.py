@@ -41,7 +41,7 @@ def resolve_device(name: str, local_rank: int = 0, *, what: str = "--device") ->
             raise UserError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
                             f"cuda:{torch.cuda.device_count() - 1}")
         return torch.device(name if index else f"cuda:{local_rank}")
-    if name == "mps":
+    if name.startswith("mps"):
         if not torch.backends.mps.is_available():
             raise UserError(f"{what} mps was asked for but Apple's MPS is not available on this machine (use cpu or auto)")
         return torch.device("mps")

@@ -304,7 +304,12 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
         load_weights(model, state["model"]), load_weights(ema, state.get("ema", state["model"]))
         step, rng = int(state["step"]), state["rng"]
         try:
+            # the moments are the run's; the settings (weight decay, betas, eps, fused) are this config's: a resume
+            # with --set train.weight_decay trained on the old value, and an edited amsgrad or maximize with it
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
             opt.load_state_dict(state["opt"])
+            for group, own in zip(opt.param_groups, settings):
+                group.update(own)
             if len(rng["gen"]) == len(rng["torch"]) == ddp.world:
                 gen.set_state(rng["gen"][ddp.rank]), torch.set_rng_state(rng["torch"][ddp.rank])
             elif ddp.main:  # each process's streams were saved: with another count they cannot go on
@@ -455,14 +460,16 @@ def _trim_metrics(path: Path, step: int) -> None:
     lines = path.read_bytes().splitlines(keepends=True)  # bytes: the lines kept are kept exactly as written
 
     def logged_at(line: bytes) -> float | None:
+        """The step of one of bdm's records, None for any other line (a user's note, a NaN step)."""
         try:
-            return float(json.loads(line).get("step", 0))
-        except (ValueError, AttributeError, TypeError):  # UnicodeDecodeError is a ValueError
+            value = float(json.loads(line)["step"])
+        except (ValueError, KeyError, IndexError, TypeError):  # UnicodeDecodeError is a ValueError
             return None
+        return value if math.isfinite(value) else None
 
     keep = [line for line in lines if (logged_at(line) or 0.0) <= step]  # not a metrics line of ours: kept
-    if keep and not keep[-1].endswith(b"\n"):
-        keep[-1] = keep[-1] + b"\n" if logged_at(keep[-1]) is not None else b""
+    if keep and not keep[-1].endswith(b"\n"):  # ours cut short (its opening as _log writes it) is dropped
+        keep[-1] = b"" if keep[-1].startswith(b'{"step": ') and logged_at(keep[-1]) is None else keep[-1] + b"\n"
     if keep != lines:
         with atomic_write(path, "wb") as f:
             f.writelines(keep)

@@ -361,7 +361,7 @@ def test_outputs_never_collide_with_inputs_or_each_other(good_run, tmp_path, ima
     ["schedule-plot", "--preset", "tiny", "--compare", "inf"],
     ["blur-preview", "IMAGE", "--preset", "tiny", "--size", "100000"],
     ["train", "--preset", "tiny", "--set", "data.resolution=4096"],
-    ["sample", "--run", "RUN", "--device", "cpu:0"],
+    ["sample", "--run", "RUN", "--device", "cpu:1"],
     ["sample", "--run", "RUN", "--device", ""],
 ])
 def test_values_that_ran_out_of_memory_or_crashed(good_run, tmp_path, image_file, args):
@@ -1117,7 +1117,7 @@ def test_round_eight_inputs(good_run, tmp_path, monkeypatch):
     (tmp_path / "sd" / "sub").mkdir(parents=True)
     one_line_error(invoke("sample", "--run", good_run, "--n", 3, "--out-dir", tmp_path / "sd", "--out",
                           tmp_path / "sd" / "sub" / "grid.png"), 2)
-    one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--out-dir", tmp_path / "new" / "x", "--device", "cpu:0"), 2)
+    one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--out-dir", tmp_path / "new" / "x", "--device", "cpu:1"), 2)
     one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "p1" / "p2" / "run", "--data",
                           _images(tmp_path / "one", n=1)), 1)
     assert not (tmp_path / "new").exists() and not (tmp_path / "p1").exists()
@@ -1644,7 +1644,7 @@ def test_round_thirteen_engine_arguments():
         (lambda: diffuse(x[:1], torch.rand(4), noise[:1], s), ValueError, "x holds 1 images but 4 times were given"),
         (lambda: diffuse(x.numpy(), 0.5, noise.numpy(), s), TypeError, "x must be a torch.Tensor"),
         (lambda: diffuse(x, [0.5] * 4, noise, s), TypeError, "t must be a tensor or a number"),
-        (lambda: denoise_mean_var(x, 0.5, 0.2, noise.numpy(), s), ValueError, "eps_hat must have z_t's shape"),
+        (lambda: denoise_mean_var(x, 0.5, 0.2, noise.numpy(), s), TypeError, "eps_hat must be a torch.Tensor"),
         (lambda: denoise_mean_var(x, torch.full((3,), 0.5), 0.2, noise, s), ValueError, "3 times were given"),
         (lambda: dct2(np.zeros((2, 4, 4))), TypeError, "need a torch.Tensor"),
     ]
@@ -1927,3 +1927,93 @@ def test_round_fourteen_engine():
     for call, kind, words in cases:
         with pytest.raises(kind, match=re.escape(words)):
             call()
+
+
+def test_round_fifteen_training_state(good_run, tmp_path):
+    """The checkpoint's optimizer settings were trained on (a resume's --set train.weight_decay was recorded but
+    not used; an edited amsgrad crashed, maximize ascended); a linked run folder inside the dataset fed its grids
+    back; the metrics trim deleted a user's last line; a --set twice kept the last; the seed changed on resume."""
+    import json
+
+    from bdm_cli.data import image_names
+    from bdm_cli.train import _trim_metrics
+
+    run = _copy_run(good_run, tmp_path / "opt")
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["opt"]["param_groups"][0].update(amsgrad=True, maximize=True, betas=(5.0, 0.999))
+    torch.save(state, run / "checkpoint.pt")
+    assert invoke("train", "--resume", run, "--steps", 3, "--set", "train.weight_decay=0.5").exit_code == 0
+    group = load_checkpoint(run / "checkpoint.pt")["opt"]["param_groups"][0]
+    assert (group["weight_decay"], group["amsgrad"], group["maximize"], tuple(group["betas"])) == (0.5, False, False, (0.9, 0.999))
+    data = _images(tmp_path / "ds", n=2)
+    (data / "more").symlink_to(good_run.parent)  # holds the run: checkpoint.pt, config.yaml, samples/
+    with pytest.warns(UserWarning, match="a bdm run's folder"):
+        assert image_names(data, "") == ["0.png", "1.png"]
+    metrics = tmp_path / "metrics.jsonl"
+    for text in (b'{"step": 1}\n# my note', b'{"step": 1}\n{"step": NaN, "note": "x"}\n'):
+        metrics.write_bytes(text)
+        _trim_metrics(metrics, 1)
+        assert metrics.read_bytes() == text.rstrip(b"\n") + b"\n"
+    assert "given twice" in one_line_error(invoke("train", "--preset", "tiny", "--set", "train.steps=2", "--set",
+                                                  "train.steps=3", "--out", tmp_path / "r"), 2)
+    assert "--seed cannot change on --resume: the run goes on" in one_line_error(invoke("train", "--resume", run, "--steps", 4,
+                                                                           "--seed", 7), 2)
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    assert not (tmp_path / "r").exists()
+
+
+def test_round_fifteen_inputs(good_run, tmp_path):
+    """YAML values that their tag cannot build (2023-02-29, !!int abc, !!bool maybe) were tracebacks; a 2-D n in
+    statistics; statistics without .npz read as images; --size beside --set data.resolution; a run's config.yaml as
+    a preset named its runs "config"; -0 shown as typed; cpu:0 refused; 0o17 refused where 0x10 was read."""
+    from bdm_cli import fid
+    from bdm_cli.config import load_config
+
+    for value in ("2023-02-29", "!!int abc", "!!int", "!!bool maybe", "!!float abc", "!!timestamp 2020-13-45"):
+        one_line_error(invoke("schedule-plot", "--preset", "tiny", "--set", f"train.steps={value}",
+                              "--out", tmp_path / "s.png"), 2)
+    (tmp_path / "d.yaml").write_text("extends: tiny\ndata:\n  dataset: 2023-02-29\n")
+    assert "YAML" in one_line_error(invoke("schedule-plot", "--preset", tmp_path / "d.yaml", "--out", tmp_path / "s.png"))
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(50, 64))
+    np.savez(tmp_path / "n2.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), n=np.array([[50]]), feats=feats)
+    assert fid.read_stats(tmp_path / "n2.npz", 64)[2] == 50
+    (tmp_path / "stats").write_bytes((tmp_path / "n2.npz").read_bytes())
+    assert "holds FID statistics: name it .npz" in one_line_error(invoke("fid", tmp_path / "stats", tmp_path / "n2.npz"), 2)
+    np.save(tmp_path / "plain.npy", feats)
+    assert "neither a zip of images nor a .npz" in one_line_error(invoke("fid", tmp_path / "plain.npy", tmp_path / "n2.npz"))
+    image = _images(tmp_path / "i", n=1) / "0.png"
+    assert "--size and --set data.resolution both set it" in one_line_error(
+        invoke("blur-preview", image, "--size", 16, "--set", "data.resolution=8", "--out", tmp_path / "b.png"), 2)
+    assert load_config(str(good_run / "config.yaml")).preset == "tiny"
+    r = invoke("blur-preview", image, "--t", "-0", "--sigma-blur-max", "-0", "--preset", "tiny", "--out", tmp_path / "b.png")
+    assert r.exit_code == 0 and "-0" not in r.output, r.output
+    assert invoke("sample", "--run", good_run, "--n", 1, "--steps", 1, "--device", "cpu:0", "--out", tmp_path / "g.png").exit_code == 0
+    assert load_config("tiny", ["train.seed=0o17"]).train.seed == 15
+
+
+def test_round_fifteen_engine():
+    """Complex or boolean noise made complex or integer z_t; meta noise, eps or bounds failed inside torch; Fraction
+    schedule fields failed at the first product; time_grid allocated 10^12 steps; delta NaN gave NaN variances."""
+    from fractions import Fraction
+
+    from bdm_cli.engine import BlurSchedule, denoise_mean_var, diffuse, sample, time_grid
+
+    s, x = BlurSchedule(sigma_blur_max=2), torch.rand(2, 3, 8, 8)
+    zero = lambda z, t: torch.zeros_like(z)  # noqa: E731
+    lo, hi = -torch.ones(3, 8, 8), torch.ones(3, 8, 8)
+    cases = [
+        (lambda: diffuse(x, 0.5, torch.randn(2, 3, 8, 8, dtype=torch.complex64), s), TypeError, "noise must be a floating"),
+        (lambda: diffuse(x, 0.5, torch.ones(2, 3, 8, 8, dtype=torch.bool), s), TypeError, "noise must be a floating"),
+        (lambda: diffuse(x, 0.5, torch.randn(2, 3, 8, 8, device="meta"), s), TypeError, "noise is a meta tensor"),
+        (lambda: denoise_mean_var(x, 0.5, 0.4, torch.ones_like(x, device="meta"), s), TypeError, "eps_hat is a meta"),
+        (lambda: sample(zero, x, s, 2, denoised_range=(lo.to("meta"), hi.to("meta"))), TypeError, "meta tensor"),
+        (lambda: time_grid(s, 10**12), ValueError, "steps must be a whole number between 1 and 4000"),
+        (lambda: denoise_mean_var(x, 0.5, 0.4, x, s, delta=float("nan")), ValueError, "delta must be a number in (0, 1)"),
+        (lambda: denoise_mean_var(x, 0.5, 0.4, x, s, delta="a"), ValueError, "delta must be a number"),
+    ]
+    for call, kind, words in cases:
+        with pytest.raises(kind, match=re.escape(words)):
+            call()
+    fraction = BlurSchedule(sigma_blur_max=Fraction(1, 3), d_min=Fraction(1, 1000))
+    assert fraction == BlurSchedule(sigma_blur_max=1 / 3) and diffuse(x, 0.5, x, fraction).isfinite().all()

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["check_whole", "check_times", "check_images", "check_schedule", "check_model_output", "check_bounds", "check_generator"]
+__all__ = ["check_whole", "check_times", "check_images", "check_like", "check_schedule", "check_model_output", "check_bounds", "check_generator"]
 
 
 def check_whole(value, name: str, low: int = 1, high: int | None = None) -> None:
@@ -52,6 +52,15 @@ def check_images(x, name: str = "x", batch=None) -> None:
         raise ValueError(f"{name} holds {x.shape[0]} images but {n} times were given (one, or one per image)")
 
 
+def check_like(y, x: torch.Tensor, name: str, other: str) -> None:
+    """``y`` (noise, eps) for the images ``x``: a floating-point tensor of x's shape on x's device (complex or
+    boolean noise made complex or integer z_t; meta or another device failed inside torch)."""
+    check_images(y, name)
+    if y.shape != x.shape or y.device != x.device:
+        raise ValueError(f"{name} must have {other}'s shape {tuple(x.shape)} on {x.device}, got {tuple(y.shape)} on "
+                         f"{y.device}")
+
+
 def check_schedule(schedule) -> None:
     """A :class:`BlurSchedule` (None or a dict of its fields failed deep inside as an AttributeError)."""
     from .schedule import BlurSchedule  # here, not at the top: schedule.py may one day use these checks itself
@@ -83,6 +92,8 @@ def check_bounds(bounds, shape, name: str = "denoised_range") -> None:
         raise TypeError(f"{name} must be a pair of tensors (low_u, high_u), each {list(shape)} in DCT space, got "
                         f"{type(bounds).__name__}")
     for which, b in zip(("low_u", "high_u"), bounds):
+        if b.is_meta:
+            raise TypeError(f"{name}'s {which} is a meta tensor (a shape without values)")
         if not b.is_floating_point():
             raise TypeError(f"{name}'s {which} must be a floating-point tensor, got {b.dtype}")
         if b.shape != shape:

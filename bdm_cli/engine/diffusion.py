@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .dct import dct2, idct2
-from .checks import check_images, check_model_output, check_schedule, check_times
+from .checks import check_images, check_like, check_model_output, check_schedule, check_times
 from .schedule import BlurSchedule
 
 __all__ = ["diffuse", "eps_loss", "denoise_mean_var", "posterior_coefficients", "Model"]
@@ -38,8 +38,7 @@ def diffuse(x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: Blu
         check_times(t)
     check_images(x, "x", batch=t)
     check_schedule(schedule)
-    if not isinstance(noise, torch.Tensor) or noise.shape != x.shape:  # broadcasting [B, 1, H, W] noise would give every channel the same noise
-        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
+    check_like(noise, x, "noise", "x")  # [B, 1, H, W] noise broadcast one noise over every channel
     alpha, sigma = _alpha_sigma64(schedule, t, x)
     return idct2(alpha.to(x.dtype) * dct2(x)) + sigma.to(x.dtype) * noise
 
@@ -85,9 +84,9 @@ def denoise_mean_var(z_t, t, s, eps_hat, schedule: BlurSchedule, delta: float = 
     check_images(z_t, "z_t", batch=t)
     check_images(z_t, "z_t", batch=s)
     check_schedule(schedule)
-    if not isinstance(eps_hat, torch.Tensor) or eps_hat.shape != z_t.shape:
-        raise ValueError(f"eps_hat must have z_t's shape {tuple(z_t.shape)}, got "
-                         f"{tuple(getattr(eps_hat, 'shape', ())) or type(eps_hat).__name__}")
+    check_like(eps_hat, z_t, "eps_hat", "z_t")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise ValueError(f"delta must be a number in (0, 1) (a variance floor), got {delta!r}")
     if not isinstance(t, torch.Tensor) or t.device.type == "cpu":  # as check_times: no host sync on a GPU
         if not bool((torch.as_tensor(s, dtype=torch.float64) < torch.as_tensor(t, dtype=torch.float64)).all()):
             raise ValueError(f"denoise_mean_var needs s < t, got s={s} and t={t}")

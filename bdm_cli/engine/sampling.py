@@ -70,7 +70,7 @@ def time_grid(schedule: BlurSchedule, steps: int, grid: str = "uniform", size: t
       ``size`` is the image size (H, W) that sets the frequencies.
     """
     check_schedule(schedule)
-    check_whole(steps, "steps")
+    check_whole(steps, "steps", 1, MAX_STEPS)
     if not (isinstance(size, (tuple, list, torch.Size)) and len(size) == 2):
         raise ValueError(f"size must be the image's (height, width), got {size!r}")
     for side in size:

@@ -46,6 +46,7 @@ class BlurSchedule:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise TypeError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))  # a Fraction or numpy number: torch multiplies floats
         if self.blur not in BLURS:
             raise ValueError(f"blur must be one of {', '.join(BLURS)}, got {self.blur!r}")
         if not 0 <= self.sigma_blur_max <= 1000:  # beyond the image's size every frequency is blurred out anyway
