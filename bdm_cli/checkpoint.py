@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import Config, from_dict, to_dict
+from .config import Config, ConfigError, from_dict, to_dict
 from .errors import UserError
 from .io import atomic_write
 
@@ -107,8 +107,9 @@ def check_resumable(state: dict, path: Path, params: list[torch.Tensor]) -> None
         isinstance(rng.get(k), list) and rng[k] and all(isinstance(g, torch.Tensor) and g.dtype == torch.uint8 for g in rng[k])
         for k in ("gen", "torch"))
     if not ok:
-        raise CheckpointError(f"{path} cannot be resumed: it holds no optimizer or random-generator state (a weights-only or "
-                              "foreign checkpoint; start a new run and load nothing, or sample from it)")
+        held = "a damaged" if isinstance(state.get("opt"), dict) and isinstance(rng, dict) else "no"
+        raise CheckpointError(f"{path} cannot be resumed: it holds {held} optimizer or random-generator state (a weights-only, "
+                              "damaged or foreign checkpoint; start a new run and load nothing, or sample from it)")
     per_param = state["opt"].get("state")
     if not isinstance(per_param, dict) or not set(per_param) <= set(range(len(params))):
         raise CheckpointError(f"{path} cannot be resumed: its optimizer state is damaged or for another model")
@@ -149,6 +150,10 @@ def check_data_stats(stats: dict | None, cfg: Config, path: Path) -> None:
         raise CheckpointError(f"{path}: data_stats.var_u must be positive")
     if "min_u" in stats and not (stats["min_u"] <= stats["max_u"]).all():
         raise CheckpointError(f"{path}: data_stats.min_u exceeds max_u")
+    if "min_u" in stats:  # a mean over the data lies within its range (float32 round-off aside)
+        slack = 1e-4 * (1 + stats["max_u"].double().abs().max())
+        if not ((stats["mean_u"] >= stats["min_u"] - slack) & (stats["mean_u"] <= stats["max_u"] + slack)).all():
+            raise CheckpointError(f"{path}: data_stats.mean_u lies outside [min_u, max_u]")
     if "basis_u" in stats:  # optional (checkpoints before it: independent channels); orthonormal columns per frequency
         b = stats["basis_u"]
         c = shape[0]
@@ -158,8 +163,12 @@ def check_data_stats(stats: dict | None, cfg: Config, path: Path) -> None:
                                   f"{[c, *shape]}")
 
 
-def checkpoint_config(state: dict) -> Config:
-    return from_dict(state["config"])
+def checkpoint_config(state: dict, path: Path | str = "the checkpoint") -> Config:
+    """The config a checkpoint was trained with; a damaged one is the checkpoint's fault (exit 1), not a usage error."""
+    try:
+        return from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config is damaged ({e})") from None
 
 
 def write_config(run_dir: Path, cfg: Config) -> Path:

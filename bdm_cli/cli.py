@@ -100,13 +100,17 @@ def _error(message: str) -> None:
     _say("[bold red]Error:[/]", message)
 
 
-def _say(label: str, message: str) -> None:
-    """One line on stderr: control characters of the message (a newline in a file name, say) shown escaped, and
-    square brackets not read as markup."""
+def _plain(text) -> str:
+    """Text from the user (a path, a name) for a rich line: control characters (a newline in a file name, say) shown
+    escaped, and square brackets not read as markup."""
     from rich.markup import escape
 
-    line = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], message)
-    console.print(f"{label} {escape(line)}", highlight=False, soft_wrap=True)
+    return escape(re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(text)))
+
+
+def _say(label: str, message: str) -> None:
+    """One line on stderr, the message :func:`_plain`."""
+    console.print(f"{label} {_plain(message)}", highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -332,7 +336,7 @@ def train_cmd(
             for name in (CHECKPOINT, "config.yaml", "metrics.jsonl"):  # before the run's files change
                 if (run_dir / name).exists():
                     check_writable(run_dir / name)
-            saved = checkpoint_config(state)
+            saved = checkpoint_config(state, run_dir / CHECKPOINT)
             asked = _check_config_file(run_dir, saved)
             target = saved
             if asked is not None and asked != saved.train.steps:  # an edit, or a --steps resume stopped before its
@@ -376,7 +380,7 @@ def train_cmd(
         rank = os.environ.get("RANK", "").strip()
         main = not (rank.isascii() and rank.isdigit()) or int(rank) == 0  # "00" is rank 0 too; a bad value is refused by init_distributed
         if main:
-            out.print(f"Training [bold]{cfg.preset or 'custom'}[/] into {run_dir} ({cfg.data.dataset}, "
+            out.print(f"Training [bold]{_plain(cfg.preset or 'custom')}[/] into {_plain(run_dir)} ({_plain(cfg.data.dataset)}, "
                       f"{cfg.data.resolution}px, sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.train.steps} steps)",
                       highlight=False)
         try:

@@ -449,9 +449,11 @@ def from_dict(data: dict) -> Config:
     """Inverse of :func:`to_dict` (used for configs stored in checkpoints and run directories)."""
     data = dict(data)
     preset = data.pop("preset", "")
+    if not isinstance(preset, str):
+        raise ConfigError(f"saved config: preset must be text, got {reprlib.repr(preset)}")
     missing = [f.name for f in fields(Config) if f.name != "preset" and f.name not in data]
     if missing:  # bdm saves every section: defaults here would pass for what the run was trained with
         raise ConfigError(f"saved config has no {', '.join(missing)} section (a damaged or foreign checkpoint or "
                           "config.yaml)")
-    return replace(_merge(Config(), data, "saved config"), preset=str(preset or "")).validate()
+    return replace(_merge(Config(), data, "saved config"), preset=preset).validate()
 

@@ -82,8 +82,11 @@ def to_8bit(img):
             raise ValueError(f"{np.size(arr) - np.isfinite(arr).sum()} of its pixels are not finite numbers (NaN or inf)")
         # [0, 1] (HDR/scientific TIFFs; highlights above 1 are clipped) or 0..255: told apart by the 99th percentile,
         # so that one bright pixel does not turn a [0, 1] image into a black 0..255 one
-        img = Image.fromarray(np.clip(np.round(arr * (255.0 if np.percentile(arr, 99) <= 1.0 else 1.0)), 0, 255)
-                              .astype(np.uint8))
+        scale = 255.0 if np.percentile(arr, 99) <= 1.0 else 1.0
+        if arr.min() < -0.5 or arr.max() > 255.5:  # neither range: clipping would be a guess
+            raise ValueError(f"its float pixels run from {arr.min():.4g} to {arr.max():.4g}, outside [0, 1] and 0..255: "
+                             "save it as 8 or 16 bits")
+        img = Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8))
     if img.mode.startswith("I"):
         # 16-bit: 0..65535 maps to 0..255 (65535 / 257 = 255); 32-bit 'I' holding 8-bit values stays as is.
         arr = np.asarray(img, dtype=np.float64)
@@ -248,6 +251,8 @@ def image_names(source: Path, split: str) -> list[str]:
             if splits:
                 raise DataError(f"{shown(source)} has no {split!r} folder but has {', '.join(splits)}: choose one with "
                                 f"--set data.split=NAME, or --set data.split= for every image")
+            if split.strip("/") != "train":  # only the default falls back to every image: another name was meant
+                raise DataError(f"{shown(source)} has no {split!r} folder: --set data.split= for every image")
     if not names:
         raise DataError(f"no images found in {shown(source)}" + (f" (split {split!r})" if split else ""))
     return [members.get(n, n) for n in names]
@@ -324,6 +329,8 @@ def dataset_source(dataset: str, split: str = "train") -> Path | None:
     check_not_shadowed(dataset, BUILTINS)
     if dataset == "cifar10" and split not in ("train", "test"):
         raise DataError(f"cifar10 has the splits train and test, got data.split {split!r}")
+    if dataset == "digits" and split not in ("train", ""):
+        raise DataError(f"digits has no splits (data.split train or empty: all 1,797 images), got {split!r}")
     if dataset in BUILTINS:
         return None
     if not dataset.strip():  # Path("") is the current folder

@@ -516,11 +516,15 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
         raise UserError(f"{what}: its values reach {peak:.3g}, far beyond Inception features (below about 20)")
     if (np.diagonal(sigma) < 0).any() or not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * max(1.0, np.abs(sigma).max())):
         raise UserError(f"{what}: sigma is not a covariance matrix (it must be symmetric with a non-negative diagonal)")
+    if not np.diagonal(sigma).any():  # two or more images' features always vary
+        raise UserError(f"{what}: sigma is all zero on its diagonal, which no set of images' features gives")
     if feats is not None and (feats.dtype.kind not in "fiu" or feats.ndim != 2 or feats.shape[1] != dims
                               or not np.isfinite(feats).all()):
         raise UserError(f"{what}: feats must be finite numbers of shape [n, {dims}], got {feats.dtype} {feats.shape}")
     n = arrays.get("n")
-    n = int(n.reshape(-1)[0]) if n is not None and n.dtype.kind in "iu" and n.size == 1 else -1
+    if n is not None and not (n.dtype.kind in "iu" and n.size == 1 and int(n.reshape(-1)[0]) >= 2):
+        raise UserError(f"{what}: n must be the number of images, a whole number >= 2, got {n.dtype} {n.reshape(-1)[:3]}")
+    n = int(n.reshape(-1)[0]) if n is not None else -1
     if feats is not None and (n < 2 or len(feats) != min(n, RESERVOIR)):
         # feats are every image's features, or a reservoir sample of RESERVOIR of them (bdm always writes n with them)
         raise UserError(f"{what}: it holds {len(feats)} feature rows for n = {n if n >= 0 else 'unknown'} images (all n "

@@ -58,7 +58,7 @@ def find_checkpoint(run: Path | None, checkpoint: Path | None) -> Path:
 
 def load_run(path: Path, *, ema: bool = True, device: str = "auto") -> Run:
     state = load_checkpoint(path)
-    cfg = checkpoint_config(state)
+    cfg = checkpoint_config(state, path)
     dev = resolve_device(device)
     model = build_model(cfg)
     key = "ema" if ema else "model"

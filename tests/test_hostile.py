@@ -2017,3 +2017,48 @@ def test_round_fifteen_engine():
             call()
     fraction = BlurSchedule(sigma_blur_max=Fraction(1, 3), d_min=Fraction(1, 1000))
     assert fraction == BlurSchedule(sigma_blur_max=1 / 3) and diffuse(x, 0.5, x, fraction).isfinite().all()
+
+
+def test_round_sixteen(good_run, tmp_path):
+    """A mean_u of 1e30 sampled plausible grids; a data.split that no folder has trained on every image; statistics
+    with n = -5 or True, or an all-zero sigma, were scored; float pixels of -5 or 1000 were clipped into a guess;
+    a damaged generator state was called missing; a bad value in a checkpoint's config was a usage error naming
+    nothing; a newline in the dataset's name broke the Training line."""
+    from bdm_cli import fid
+    from bdm_cli.data import DataError, image_names, load_image
+
+    run = _copy_run(good_run, tmp_path / "mean")
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["data_stats"]["mean_u"] = state["data_stats"]["mean_u"] * 1e30
+    torch.save(state, run / "checkpoint.pt")
+    assert "mean_u lies outside [min_u, max_u]" in one_line_error(invoke("sample", "--run", run, "--n", 2, "--out",
+                                                                          tmp_path / "g.png"), 1)
+    assert "digits has no splits" in one_line_error(invoke("train", "--preset", "tiny", "--set", "data.split=test",
+                                                           "--out", tmp_path / "r"), 1)
+    with pytest.raises(DataError, match="has no 'nonexistent' folder"):
+        image_names(_images(tmp_path / "flat", n=2), "nonexistent")
+    assert image_names(tmp_path / "flat", "train") == ["0.png", "1.png"]  # the default: every image
+    feats = np.random.default_rng(0).normal(size=(50, 64))
+    for extra in ({"n": -5}, {"n": True}, {"sigma": np.zeros((64, 64))}):
+        np.savez(tmp_path / "s.npz", **{"mu": feats.mean(0), "sigma": np.cov(feats, rowvar=False), **extra})
+        with pytest.raises(fid.UserError, match="n must be the number of images|all zero"):
+            fid.read_stats(tmp_path / "s.npz", 64)
+    for value in (-5.0, 1000.0):
+        Image.fromarray(np.full((8, 8), value, np.float32)).save(tmp_path / "f.tif")
+        with pytest.raises(DataError, match="outside"):
+            load_image(tmp_path / "f.tif", 8, 1)
+    run = _copy_run(good_run, tmp_path / "rng")
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["rng"]["gen"] = 5
+    torch.save(state, run / "checkpoint.pt")
+    assert "holds a damaged optimizer or random-generator state" in one_line_error(invoke("train", "--resume", run, "--steps", 3), 1)
+    state = load_checkpoint(good_run / "checkpoint.pt")
+    state["config"]["sample"]["steps"] = 0
+    run = _copy_run(good_run, tmp_path / "cfg")
+    torch.save(state, run / "checkpoint.pt")
+    msg = one_line_error(invoke("sample", "--run", run, "--n", 2, "--out", tmp_path / "g.png"), 1)
+    assert "checkpoint.pt: its config is damaged" in msg
+    odd = _images(tmp_path / "a\nb", n=8, size=8)
+    r = invoke("train", "--preset", "tiny", "--data", odd, "--steps", 1, "--out", tmp_path / "nl")
+    assert r.exit_code == 0 and "a\\nb" in r.output, r.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / "g.png").exists()
