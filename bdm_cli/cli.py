@@ -312,7 +312,7 @@ def train_cmd(
     from .data import dataset_source
     from .io import check_writable
     from .runtime import resolve_device
-    from .train import RunLocked, train
+    from .train import RunLocked, train, whole
 
     options = {"data.dataset": ("--data", data), "train.steps": ("--steps", steps),
                "train.batch_size": ("--batch-size", batch_size), "train.device": ("--device", device),
@@ -378,7 +378,7 @@ def train_cmd(
         made = first_missing(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         rank = os.environ.get("RANK", "").strip()
-        main = not (rank.isascii() and rank.isdigit()) or int(rank) == 0  # "00" is rank 0 too; a bad value is refused by init_distributed
+        main = not whole(rank) or int(rank) == 0  # "00" is rank 0 too; a bad value is refused by init_distributed
         if main:
             out.print(f"Training [bold]{_plain(cfg.preset or 'custom')}[/] into {_plain(run_dir)} ({_plain(cfg.data.dataset)}, "
                       f"{cfg.data.resolution}px, sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.train.steps} steps)",

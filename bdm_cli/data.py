@@ -298,8 +298,7 @@ def cifar10_uint8(split: str):
     $BDM_DATA_DIR, else ~/.cache/bdm). A folder it had to create is removed again when the download fails."""
     from torchvision.datasets import CIFAR10
 
-    if split not in ("train", "test"):  # torchvision's flag would read any other name as the training set
-        raise DataError(f"cifar10 has the splits train and test, got data.split {split!r}")
+    _check_cifar10_split(split)
     root = user_path(os.environ.get("BDM_DATA_DIR") or cache_home())
     if root.exists() and not root.is_dir():
         raise DataError(f"{root} is not a folder: set BDM_DATA_DIR to the folder that holds (or will hold) CIFAR-10")
@@ -316,6 +315,11 @@ def cifar10_uint8(split: str):
         ) from None
 
 
+def _check_cifar10_split(split: str) -> None:
+    if split not in ("train", "test"):  # torchvision's flag would read any other name as the training set
+        raise DataError(f"cifar10 has the splits train and test, got data.split {split!r}")
+
+
 def check_not_shadowed(name: str, builtins) -> None:
     """A built-in dataset's name that is also a file or folder here is ambiguous: refused, never guessed."""
     if name in builtins and os.path.lexists(name):
@@ -327,8 +331,8 @@ def dataset_source(dataset: str, split: str = "train") -> Path | None:
     """What ``data.dataset`` names, checked before anything is read or made: None for a built-in dataset, else the
     folder or zip of images (which must exist and be one of those)."""
     check_not_shadowed(dataset, BUILTINS)
-    if dataset == "cifar10" and split not in ("train", "test"):
-        raise DataError(f"cifar10 has the splits train and test, got data.split {split!r}")
+    if dataset == "cifar10":
+        _check_cifar10_split(split)
     if dataset == "digits" and split not in ("train", ""):
         raise DataError(f"digits has no splits (data.split train or empty: all 1,797 images), got {split!r}")
     if dataset in BUILTINS:
