@@ -59,7 +59,10 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt? {type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a bdm checkpoint (no model/config entries)")
-    if not isinstance(state.get("format", FORMAT), int) or state.get("format", FORMAT) > FORMAT:
+    if not isinstance(state.get("format", FORMAT), int) or isinstance(state.get("format"), bool):
+        raise CheckpointError(f"{path} is not a valid bdm checkpoint: 'format' is not a version number "
+                              f"({reprlib.repr(state.get('format'))})")
+    if state.get("format", FORMAT) > FORMAT:
         raise CheckpointError(f"{path} was written by a newer bdm (checkpoint format {state.get('format')!r}, this one reads "
                               f"up to {FORMAT}): update bdm")
     _check_contents(state, path)
@@ -72,10 +75,11 @@ def _tensors(value) -> bool:
 
 
 def _count(value) -> bool:
-    """A step count: a non-negative int, or a 0-d integer tensor holding one."""
+    """A step count: a non-negative 64-bit int, or a 0-d integer tensor holding one."""
     if isinstance(value, torch.Tensor):
-        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex() and int(value) >= 0
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return (value.ndim == 0 and not value.is_floating_point() and not value.is_complex()
+                and value.dtype != torch.bool and not value.is_meta and int(value) >= 0)
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def _check_contents(state: dict, path: Path) -> None:
@@ -148,6 +152,14 @@ def check_data_stats(stats: dict | None, cfg: Config, path: Path) -> None:
         raise CheckpointError(f"{path}: data_stats holds only one of min_u and max_u")
     if "var_u" in stats and not (stats["var_u"] > 0).all():
         raise CheckpointError(f"{path}: data_stats.var_u must be positive")
+    # Pixels lie in [-1, 1], so an orthonormal DCT coefficient within +-sqrt(H W) (Cauchy-Schwarz) and a colour
+    # covariance's eigenvalue within C H W (its trace): beyond them the statistics are not of images
+    reach, c = math.sqrt(shape[1] * shape[2]), shape[0]
+    for key in ("mean_u", "min_u", "max_u", "var_u"):
+        limit = c * reach**2 if key == "var_u" else reach
+        if key in stats and stats[key].double().abs().max() > limit * (1 + 1e-3):
+            raise CheckpointError(f"{path}: data_stats.{key} reaches {stats[key].double().abs().max():.3g}, beyond the "
+                                  f"{limit:.3g} that images in [-1, 1] of size {shape[1]}x{shape[2]} can give")
     if "min_u" in stats and not (stats["min_u"] <= stats["max_u"]).all():
         raise CheckpointError(f"{path}: data_stats.min_u exceeds max_u")
     if "min_u" in stats:  # a mean over the data lies within its range (float32 round-off aside)

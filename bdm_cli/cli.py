@@ -18,7 +18,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import UsageError, UserError
-from .paths import first_missing, output_file, remove_empty_folders, user_path
+from .paths import blocking_file, first_missing, output_file, remove_empty_folders, user_path
 
 app = typer.Typer(
     name="bdm",
@@ -81,6 +81,9 @@ def user_errors():
         raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT)) from None
     except Exception as e:  # the machine's limits and toolchain, not a bug: one line that says what to do
         text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if _interrupted.is_set():  # an error that a Ctrl-C caused (a half-imported module imported again): the stop
+            console.print("[yellow]Interrupted.[/]")
+            raise typer.Exit(130) from None
         if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _OUT_OF_MEMORY.search(str(e))):
             _error(f"out of memory ({text}): lower --batch-size (or --n, --size, or the model's size: model.channels, model.num_res_blocks), or use a machine with more memory")
         elif type(e).__name__ in ("InductorError", "BackendCompilerFailed", "InvalidCxxCompiler"):  # torch.compile's
@@ -101,11 +104,13 @@ def _error(message: str) -> None:
 
 
 def _plain(text) -> str:
-    """Text from the user (a path, a name) for a rich line: control characters (a newline in a file name, say) shown
-    escaped, and square brackets not read as markup."""
+    """Text from the user (a path, a name) for a rich line: control characters (a newline or a terminal escape in a
+    file name, say) shown escaped, the bytes of a name that is not UTF-8 as ``\\xff`` (not Python's ``\\udcff``), and
+    square brackets not read as markup."""
     from rich.markup import escape
 
-    return escape(re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(text)))
+    text = re.sub(r"[\udc80-\udcff]", lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", str(text))
+    return escape(re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text))
 
 
 def _say(label: str, message: str) -> None:
@@ -227,7 +232,7 @@ def blur_preview_cmd(
         rows = blur_strip(x, cfg.diffusion, ts, noise, with_noise=not no_noise)
         save_strip(rows, ["original"] + [f"t={v:g}" for v in ts], out_path)
         d = cfg.diffusion
-        out.print(f"Wrote {out_path} ({resolution}x{resolution}, sigma_blur_max={d.sigma_blur_max:g}, blur={d.blur}); "
+        out.print(f"Wrote {_plain(out_path)} ({resolution}x{resolution}, sigma_blur_max={d.sigma_blur_max:g}, blur={d.blur}); "
                   f"t = {', '.join(f'{v:g}' for v in ts)}", highlight=False)
 
 
@@ -284,10 +289,10 @@ def schedule_plot_cmd(
         check_outputs(path, csv_path)
         os.environ["MPLBACKEND"] = "Agg"  # bdm writes files, never windows: a user's MPLBACKEND (even a wrong one) is moot
         plot_schedule(schedules, resolution, resolution, path, fmt)
-        out.print(f"Wrote {path}", highlight=False)
+        out.print(f"Wrote {_plain(path)}", highlight=False)
         if csv_path:
             write_schedule_csv(schedules, resolution, resolution, csv_path)
-            out.print(f"Wrote {csv_path}", highlight=False)
+            out.print(f"Wrote {_plain(csv_path)}", highlight=False)
 
 
 @app.command("train")
@@ -363,7 +368,7 @@ def train_cmd(
                    if resume and device is None else e) from None
         source = dataset_source(cfg.data.dataset, cfg.data.split)  # a resume with --data too; before any folder is made
         if finished:  # every option checked, nothing to do: no file of the finished run is rewritten
-            out.print(f"{run_dir} is already at step {cfg.train.steps}: nothing to train (a larger --steps continues it)",
+            out.print(f"{_plain(run_dir)} is already at step {cfg.train.steps}: nothing to train (a larger --steps continues it)",
                       highlight=False)
             return
         if source is not None and _nested(source, run_dir):
@@ -396,8 +401,8 @@ def train_cmd(
         if main:
             how = f"Stopped by {result['stopped_by']}; checkpoint saved" if result["interrupted"] else "Done"
             loss = "no step logged" if math.isnan(result["loss"]) else f"loss {result['loss']:.4f}"
-            out.print(f"{how} at step {result['step']} ({loss}): {run_dir / CHECKPOINT}"
-                      + (f"; resume with: bdm train --resume {run_dir}" if result["interrupted"] else ""), highlight=False)
+            out.print(f"{how} at step {result['step']} ({loss}): {_plain(run_dir / CHECKPOINT)}"
+                      + (f"; resume with: bdm train --resume {_plain(run_dir)}" if result["interrupted"] else ""), highlight=False)
             for what in ("skipped_batches", "skipped_images"):
                 if result[what]:
                     _say("[yellow]Warning:[/]", f"{result[what]} {what.replace('_', ' ')} (non-finite loss or unreadable files)")
@@ -425,6 +430,8 @@ def _check_new_run_dir(run_dir: Path) -> None:
 
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise UsageError(f"--out {run_dir} exists and is not a directory")
+    if (blocker := blocking_file(run_dir)) is not None:
+        raise UsageError(f"--out {run_dir}: {blocker} is a file, not a directory")
     if (run_dir / CHECKPOINT).exists():
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
@@ -588,11 +595,14 @@ MAX_PLOT = 512  # schedule-plot --size: 201 times x H x W log-SNRs in float64 (5
 def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs: list = ()) -> None:
     """``--out-dir`` holds one numbered PNG per sample: a folder (made if missing), never a file or a link, never an
     input's folder, no other output of the same command in it (a grid named 000001.png would replace sample 1), and
-    no file of its own already there under the names it would write (nothing already written is replaced)."""
+    no numbered sample already there: not under the names it would write (nothing already written is replaced), nor
+    under others (a set that was partly removed, then sampled again with another seed, would mix two sets for FID)."""
     if out_dir is None:
         return
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise UsageError(f"--out-dir {out_dir} exists and is not a directory")
+    if (blocker := blocking_file(out_dir)) is not None:
+        raise UsageError(f"--out-dir {out_dir}: {blocker} is a file, not a directory")
     for source in inputs:
         if Path(source).exists() and _nested(Path(source), out_dir):
             raise UsageError(f"--out-dir {out_dir} overlaps the input {source}: the samples would be read as input")
@@ -600,10 +610,13 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
         if f is not None and _nested(f, out_dir):
             raise UsageError(f"{f} is inside --out-dir {out_dir}, which holds only the numbered samples: write it elsewhere")
     existing = {e.name for e in os.scandir(out_dir)} if out_dir.is_dir() else set()  # one listing, not n stats
-    taken = sorted(name for name in existing if re.fullmatch(r"\d{6,}\.png", name) and int(name[:-4]) < n)
+    taken = sorted(name for name in existing if re.fullmatch(r"\d{6,}\.png", name)) if n else []
     if taken:
-        raise UsageError(f"--out-dir {out_dir} already holds {len(taken)} of the files it would write ({taken[0]}, ...): "
-                         "choose an empty folder or remove them")
+        clash = sum(int(name[:-4]) < n for name in taken)
+        raise UsageError(f"--out-dir {out_dir} already holds {len(taken)} numbered samples ({taken[0]}, ...)"
+                         + (f", {clash} of them under the names it would write" if clash else
+                            ", which the new ones would join into one mixed set")
+                         + ": choose an empty folder or remove them")
 
 
 @contextlib.contextmanager
@@ -686,8 +699,8 @@ def sample_cmd(
         r = load_run(ckpt, ema=not no_ema, device=device)  # first: a bad checkpoint or device makes no folder
         k = steps or r.cfg.sample.steps
         name = sampler or r.cfg.sample.sampler
-        picked = "" if run is not None or checkpoint is not None else f" of {ckpt.parent} (the newest run)"
-        out.print(f"Sampling {n} images from step {r.step}{picked} ({r.cfg.preset}, {name}, {k} steps, "
+        picked = "" if run is not None or checkpoint is not None else f" of {_plain(ckpt.parent)} (the newest run)"
+        out.print(f"Sampling {n} images from step {r.step}{picked} ({_plain(r.cfg.preset)}, {name}, {k} steps, "
                   f"{nfe(name, k)} network calls per batch)", highlight=False)
         images, snaps = [], []
 
@@ -706,13 +719,13 @@ def sample_cmd(
                         images.append(x[: GRID_MAX - sum(map(len, images))].clone())  # memory stays flat for any --n
             if grid_path is not None:
                 save_image(make_grid(torch.cat(images)), grid_path)
-                out.print(f"Wrote {grid_path}" + (f" (the first {GRID_MAX} samples)" if n > GRID_MAX else ""), highlight=False)
+                out.print(f"Wrote {_plain(grid_path)}" + (f" (the first {GRID_MAX} samples)" if n > GRID_MAX else ""), highlight=False)
             if trajectory is not None and snaps:
                 pick = snaps[:: max(1, len(snaps) // 10)] + ([snaps[-1]] if (len(snaps) - 1) % max(1, len(snaps) // 10) else [])
                 save_image(make_grid(torch.stack(pick, 1).flatten(0, 1), nrow=len(pick)), trajectory)
-                out.print(f"Wrote {trajectory}", highlight=False)
+                out.print(f"Wrote {_plain(trajectory)}", highlight=False)
         if out_dir is not None:
-            out.print(f"Wrote {n} PNGs to {out_dir}", highlight=False)
+            out.print(f"Wrote {n} PNGs to {_plain(out_dir)}", highlight=False)
 
 
 @app.command("fid")
@@ -809,7 +822,7 @@ def fid_cmd(
         with warnings.catch_warnings():
             # the dataset's per-image warnings are counted and printed below, once; the cache's own warning stays
             warnings.filterwarnings("ignore", message="skipping unreadable image")
-            with _progress("fid") as bar:
+            with _progress("fid", enabled=images) as bar:
                 task = bar.add_task("fid", total=None)
 
                 counts: dict[str, int] = {}
@@ -843,7 +856,7 @@ def fid_cmd(
         if save_stats is not None:
             fid.save_stats(save_stats, *stats1)
             count = f"{stats1[2]} images" if stats1[2] >= 0 else "its input .npz records no image count"
-            out.print(f"Wrote {save_stats} ({count})", highlight=False)
+            out.print(f"Wrote {_plain(save_stats)} ({count})", highlight=False)
         if stats2 is not None:
             value = fid.frechet_distance(stats1[0], stats1[1], stats2[0], stats2[1])
             out.print(f"FID: {value:.4f}" if np.isfinite(value) else f"FID: {value}")
@@ -862,8 +875,13 @@ def _print_kid(feats1, feats2, subsets: int, subset_size: int) -> None:
         console.print(f"[yellow]Note:[/] KID skipped: it needs at least 2 images in each set, got {len(feats1)} and {len(feats2)}",
                       highlight=False, soft_wrap=True)
     else:
-        mean, std = fid.kernel_distance(feats1, feats2, subsets=subsets, subset_size=subset_size)
         m = min(subset_size, len(feats1), len(feats2))
+        if len(feats1) == len(feats2) == m:  # every subset would be both whole sets: one estimate, no spread to show
+            mean, _ = fid.kernel_distance(feats1, feats2, subsets=1, subset_size=m)
+            out.print(f"KID: {mean:.6f} (the whole sets, {m} images each: no more than the subset size "
+                      f"{subset_size}, so no subsets to vary)", highlight=False)
+            return
+        mean, std = fid.kernel_distance(feats1, feats2, subsets=subsets, subset_size=subset_size)
         out.print(f"KID: {mean:.6f} ± {std:.6f} (mean ± std over {subsets} subsets of {m} images)", highlight=False)
 
 
@@ -885,12 +903,14 @@ def _fid_of_samples(r, n, steps, sampler, grid, seed, bf16, batch_size, out_dir,
 
 
 @contextlib.contextmanager
-def _progress(label: str):
+def _progress(label: str, enabled: bool = True):
+    """A progress bar on stderr; not ``enabled``: one that shows nothing (no work to count, such as two .npz)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(show_speed=True),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as bar:
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                  disable=not enabled) as bar:
         yield bar
 
 
@@ -934,23 +954,25 @@ def _reopen_closed_streams() -> set[int]:
 
 
 class _PipeSafe:
-    """Standard output that a reader may close early (``bdm presets | head -1``): the rest is discarded and the work
-    goes on (a training keeps training), instead of a BrokenPipeError."""
+    """A standard stream whose reader may go away: standard output that a reader closes early (``bdm presets | head
+    -1``), or standard error on a full disk or a dead terminal (``2>/dev/full``; there go only progress, warnings
+    and errors). The rest is discarded and the work goes on (a training keeps training, and exits 0), instead of an
+    exception that nothing could report. ``errors``: what counts as the reader gone."""
 
-    def __init__(self, stream):
-        self._stream = stream
+    def __init__(self, stream, errors: type[BaseException] | tuple = BrokenPipeError):
+        self._stream, self._errors = stream, errors
 
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
+        except self._errors:
             self._discard()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except self._errors:
             self._discard()
 
     def _discard(self) -> None:
@@ -980,15 +1002,28 @@ def _quiet_libraries() -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
+_interrupted = threading.Event()  # a Ctrl-C came: set by _on_sigint
+
+
+def _on_sigint(signum, frame) -> None:
+    """Python's own Ctrl-C (a KeyboardInterrupt), remembered: one that lands inside an import leaves the module half
+    made, and importing it again then fails with an error of its own, which must still read as the interruption."""
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
 def run() -> None:
     """The ``bdm`` entry point: Click's own usage errors (an unknown option, a missing argument, ``--n 1.5``) also
     become one ``Error:`` line and exit 2, like bdm's, instead of a usage box. File names that are not UTF-8 are
     printed escaped, whatever the terminal's encoding (no UnicodeEncodeError after the work is done)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a caller ignores Ctrl-C (nohup, &)
+        signal.signal(signal.SIGINT, _on_sigint)
     closed = _reopen_closed_streams()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
-    sys.stdout = _PipeSafe(sys.stdout)
+    sys.stdout = _PipeSafe(sys.stdout)  # a full disk on stdout stays an error: the results would be lost
+    sys.stderr = _PipeSafe(sys.stderr, OSError)
     warnings.showwarning = _warning_line
     _quiet_libraries()
     if 1 in closed:
@@ -1000,6 +1035,9 @@ def run() -> None:
         console.print("[yellow]Interrupted.[/]")
         sys.exit(130)
     except Exception as e:
+        if _interrupted.is_set() and not isinstance(e, typer.Exit):  # as in user_errors: the error a Ctrl-C caused
+            console.print("[yellow]Interrupted.[/]")
+            sys.exit(130)
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not one of Click's (Typer's) usage errors
             raise
         ctx = getattr(e, "ctx", None)

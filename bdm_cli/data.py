@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -254,8 +255,21 @@ def image_names(source: Path, split: str) -> list[str]:
             if split.strip("/") != "train":  # only the default falls back to every image: another name was meant
                 raise DataError(f"{shown(source)} has no {split!r} folder: --set data.split= for every image")
     if not names:
-        raise DataError(f"no images found in {shown(source)}" + (f" (split {split!r})" if split else ""))
+        zips = _nested_zips(source)
+        raise DataError(f"no images found in {shown(source)}" + (f" (split {split!r})" if split else "")
+                        + (f"; it holds {zips} .zip file{'s' * (zips > 1)}, which bdm does not open inside a folder or "
+                           f"zip: unpack {'them' if zips > 1 else 'it'}, or give one as the dataset" if zips else ""))
     return [members.get(n, n) for n in names]
+
+
+def _nested_zips(source: Path) -> int:
+    """How many .zip files a dataset folder or zip holds (for the message when it has no images: they are not read)."""
+    with contextlib.suppress(*READ_ERRORS, zipfile.LargeZipFile):
+        if source.is_dir():
+            return sum(f.lower().endswith(".zip") for _, _, files in os.walk(source) for f in files)
+        with zipfile.ZipFile(source) as z:
+            return sum(n.lower().endswith(".zip") for n in z.namelist())
+    return 0
 
 
 def _image_files(folder: Path) -> list[str]:

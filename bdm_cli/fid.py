@@ -516,8 +516,13 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
         raise UserError(f"{what}: its values reach {peak:.3g}, far beyond Inception features (below about 20)")
     if (np.diagonal(sigma) < 0).any() or not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * max(1.0, np.abs(sigma).max())):
         raise UserError(f"{what}: sigma is not a covariance matrix (it must be symmetric with a non-negative diagonal)")
-    if not np.diagonal(sigma).any():  # two or more images' features always vary
-        raise UserError(f"{what}: sigma is all zero on its diagonal, which no set of images' features gives")
+    if np.trace(sigma) <= 1e-8 * np.sum(mu * mu):  # two or more images' features always vary (rounding: ~1e-14)
+        raise UserError(f"{what}: sigma is (nearly) zero (trace {np.trace(sigma):.3g} for a mean of squared size "
+                        f"{np.sum(mu * mu):.3g}), which no set of distinct images' features gives")
+    low = min(a.min(initial=0) for a in (mu, feats) if a is not None and a.dtype.kind in "fiu")
+    if low < -1e-6 * (1 + peak):  # every --dims block ends in a ReLU, then average pooling
+        raise UserError(f"{what}: its features go down to {low:.3g}, but Inception features are never negative "
+                        "(they follow a ReLU)")
     if feats is not None and (feats.dtype.kind not in "fiu" or feats.ndim != 2 or feats.shape[1] != dims
                               or not np.isfinite(feats).all()):
         raise UserError(f"{what}: feats must be finite numbers of shape [n, {dims}], got {feats.dtype} {feats.shape}")

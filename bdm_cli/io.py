@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import UsageError, UserError
+from .paths import blocking_file
 
 __all__ = ["OutputError", "atomic_write", "atomic_write_bytes", "remove_stale_temps", "to_uint8", "save_image", "save_numbered", "make_grid",
            "check_writable", "check_outputs", "image_format", "write_image"]
@@ -40,6 +41,9 @@ def check_writable(path: Path) -> Path:
         raise OutputError(f"{path} is {kind}; give a file name to write to")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
+        blocker = parent if parent.exists() else blocking_file(path)
+        if blocker is not None:
+            raise OutputError(f"{blocker} is a file, not a directory: {path} cannot be written inside it")
         raise OutputError(f"output directory does not exist: {parent}")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output directory is not writable: {parent}")

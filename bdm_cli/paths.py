@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["user_path", "output_file", "home", "cache_home", "first_missing", "remove_empty_folders"]
+__all__ = ["user_path", "output_file", "home", "cache_home", "first_missing", "blocking_file", "remove_empty_folders"]
 
 
 def user_path(text: str | Path) -> Path:
@@ -68,6 +68,15 @@ def first_missing(path: Path) -> Path | None:
     while not path.parent.exists() and path.parent != path:
         path = path.parent
     return path
+
+
+def blocking_file(path: Path) -> Path | None:
+    """The file (or link to one) among ``path``'s folders that would stop a ``mkdir -p`` of it or a write into it
+    (``--out afile/x.png``), or None: its own error names it, not a missing folder or the whole path."""
+    for folder in Path(path).parents:
+        if folder.exists() or folder.is_symlink():
+            return None if folder.is_dir() else folder
+    return None
 
 
 def remove_empty_folders(path: Path, made: Path | None) -> None:

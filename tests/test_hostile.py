@@ -878,7 +878,7 @@ def test_an_indefinite_sigma_is_an_error_not_a_zero_fid(tmp_path):
 def test_round_six_inputs(good_run, tmp_path, monkeypatch, image_file):
     folder = _images(tmp_path / "imgs.npz", n=3)  # a folder whose name ends in .npz holds images
     good = tmp_path / "good.npz"
-    f = np.random.default_rng(0).standard_normal((10, 64))
+    f = np.abs(np.random.default_rng(0).standard_normal((10, 64)))
     np.savez(good, mu=f.mean(0), sigma=np.cov(f.T), n=10, feats=f)
     np.savez(tmp_path / "huge.npz", mu=f.mean(0), sigma=np.cov(f.T), n=10, feats=f * 1e120)
     from bdm_cli import fid
@@ -1460,11 +1460,11 @@ def test_round_eleven_cli(good_run, tmp_path, image_file, monkeypatch):
     and a finished run's resume that skipped the checks of its options."""
     assert "is a bdm run folder: score its model with --run" in one_line_error(invoke("fid", good_run, "digits", "--dims", 64), 2)
     rng = np.random.default_rng(0)
-    feats = rng.normal(size=(30, 64))
+    feats = np.abs(rng.normal(size=(30, 64)))  # Inception features are never negative
     np.savez(tmp_path / "rows.npz", mu=np.zeros(64), sigma=np.eye(64), n=5, feats=feats)
     assert "30 feature rows for n = 5" in one_line_error(invoke("fid", tmp_path / "rows.npz", "digits", "--dims", 64), 1)
-    rows = np.tile(np.array([[1.0], [-1.0], [1.0], [-1.0]]), (1, 64))  # mean 0, variance 4/3
-    f16 = dict(mu=np.zeros(64, np.float16), sigma=(np.eye(64) * 4 / 3).astype(np.float16), n=4,
+    rows = np.tile(np.array([[2.0], [0.0], [2.0], [0.0]]), (1, 64))  # mean 1, variance 4/3
+    f16 = dict(mu=np.ones(64, np.float16), sigma=(np.eye(64) * 4 / 3).astype(np.float16), n=4,
                feats=rows.astype(np.float16))
     np.savez(tmp_path / "f16.npz", **f16)  # float16 compared with 1e6 (the magnitude check) made numpy warn
     with warnings.catch_warnings():
@@ -1721,7 +1721,7 @@ def test_round_thirteen_data_read_as_it_is(tmp_path, monkeypatch):
     saved = load_checkpoint(tmp_path / "rel" / "checkpoint.pt")["config"]["data"]["dataset"]
     assert saved == str(tmp_path / "p1" / "data")  # a resume from another folder reads these images
     rng = np.random.default_rng(0)
-    feats = rng.normal(size=(100, 64))
+    feats = np.abs(rng.normal(size=(100, 64)))  # Inception features are never negative
     fid.save_stats(tmp_path / "ok.npz", feats.mean(0), np.cov(feats, rowvar=False), 100, feats)
     fid.read_stats(tmp_path / "ok.npz", 64)
     fid.save_stats(tmp_path / "bad.npz", feats.mean(0) + 5, np.cov(feats, rowvar=False), 100, feats)
@@ -1849,7 +1849,7 @@ def test_round_fourteen_data_and_checkpoints(good_run, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="a link to a folder that holds the dataset"):
         assert image_names(data, "") == ["0.png", "1.png"]
     rng = np.random.default_rng(0)
-    feats = rng.normal(size=(50, 64))
+    feats = np.abs(rng.normal(size=(50, 64)))  # Inception features are never negative
     for n in (None, 20_000):
         np.savez(tmp_path / "s.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), feats=feats,
                  **({} if n is None else {"n": n}))
@@ -1975,7 +1975,7 @@ def test_round_fifteen_inputs(good_run, tmp_path):
     (tmp_path / "d.yaml").write_text("extends: tiny\ndata:\n  dataset: 2023-02-29\n")
     assert "YAML" in one_line_error(invoke("schedule-plot", "--preset", tmp_path / "d.yaml", "--out", tmp_path / "s.png"))
     rng = np.random.default_rng(0)
-    feats = rng.normal(size=(50, 64))
+    feats = np.abs(rng.normal(size=(50, 64)))  # Inception features are never negative
     np.savez(tmp_path / "n2.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), n=np.array([[50]]), feats=feats)
     assert fid.read_stats(tmp_path / "n2.npz", 64)[2] == 50
     (tmp_path / "stats").write_bytes((tmp_path / "n2.npz").read_bytes())
@@ -2029,7 +2029,7 @@ def test_round_sixteen(good_run, tmp_path):
 
     run = _copy_run(good_run, tmp_path / "mean")
     state = load_checkpoint(run / "checkpoint.pt")
-    state["data_stats"]["mean_u"] = state["data_stats"]["mean_u"] * 1e30
+    state["data_stats"]["mean_u"] = state["data_stats"]["max_u"] + 0.5  # possible for images, not for this data
     torch.save(state, run / "checkpoint.pt")
     assert "mean_u lies outside [min_u, max_u]" in one_line_error(invoke("sample", "--run", run, "--n", 2, "--out",
                                                                           tmp_path / "g.png"), 1)
@@ -2038,10 +2038,10 @@ def test_round_sixteen(good_run, tmp_path):
     with pytest.raises(DataError, match="has no 'nonexistent' folder"):
         image_names(_images(tmp_path / "flat", n=2), "nonexistent")
     assert image_names(tmp_path / "flat", "train") == ["0.png", "1.png"]  # the default: every image
-    feats = np.random.default_rng(0).normal(size=(50, 64))
+    feats = np.abs(np.random.default_rng(0).normal(size=(50, 64)))
     for extra in ({"n": -5}, {"n": True}, {"sigma": np.zeros((64, 64))}):
         np.savez(tmp_path / "s.npz", **{"mu": feats.mean(0), "sigma": np.cov(feats, rowvar=False), **extra})
-        with pytest.raises(fid.UserError, match="n must be the number of images|all zero"):
+        with pytest.raises(fid.UserError, match=r"n must be the number of images|nearly\) zero"):
             fid.read_stats(tmp_path / "s.npz", 64)
     for value in (-5.0, 1000.0):
         Image.fromarray(np.full((8, 8), value, np.float32)).save(tmp_path / "f.tif")
@@ -2062,3 +2062,90 @@ def test_round_sixteen(good_run, tmp_path):
     r = invoke("train", "--preset", "tiny", "--data", odd, "--steps", 1, "--out", tmp_path / "nl")
     assert r.exit_code == 0 and "a\\nb" in r.output, r.output
     assert not (tmp_path / "r").exists() and not (tmp_path / "g.png").exists()
+
+
+def test_round_seventeen(good_run, tmp_path):
+    """Statistics with negative (post-ReLU) features or a near-zero sigma were scored; a checkpoint's var_u, min_u and
+    max_u of 1e30 sampled, a step of 2^70 was printed, a text 'format' was "a newer bdm"; a path under a file blamed
+    a missing folder (or, for --out-dir, failed after sampling); --out-dir joined a new set to an old one's files;
+    result lines printed names raw (newlines, terminal escapes, \\udcff); KID printed "± 0 over 100 subsets" of two
+    whole sets; d_min = 1 turned the blur off silently; a zip inside the dataset was not named; the engine took
+    sparse tensors, times shaped [2, 2] for 4 images, and numpy numbers torch cannot convert."""
+    import typer
+
+    from bdm_cli import cli, fid
+    from bdm_cli.engine import BlurSchedule, diffuse, sample
+
+    feats = np.abs(np.random.default_rng(0).normal(size=(50, 64)))
+    for bad, words in (({"mu": feats.mean(0) - 5}, "never negative"), ({"sigma": np.eye(64) * 1e-12}, "nearly) zero")):
+        np.savez(tmp_path / "s.npz", **{"mu": feats.mean(0), "sigma": np.cov(feats, rowvar=False), "n": 50, **bad})
+        assert words in one_line_error(invoke("fid", tmp_path / "s.npz", tmp_path / "s.npz", "--dims", 64), 1)
+    np.savez(tmp_path / "f.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), n=50, feats=feats)
+    r = invoke("fid", tmp_path / "f.npz", tmp_path / "f.npz", "--dims", 64)
+    assert r.exit_code == 0 and "the whole sets, 50 images each" in r.output and "±" not in r.output, r.output
+    for key, value, words in (("var_u", 1e30, "data_stats.var_u reaches"), ("max_u", 1e30, "data_stats.max_u reaches"),
+                              ("step", 2**70, "'step' is not a count"), ("format", "1", "'format' is not a version")):
+        run = _copy_run(good_run, tmp_path / key)
+        state = load_checkpoint(run / "checkpoint.pt")
+        if key in ("var_u", "max_u"):
+            state["data_stats"][key] = torch.full_like(state["data_stats"][key], value)
+        else:
+            state[key] = value
+        torch.save(state, run / "checkpoint.pt")
+        assert words in one_line_error(invoke("sample", "--run", run, "--n", 2, "--out", tmp_path / "g.png"), 1)
+    (tmp_path / "afile").write_text("x")
+    for args in (("sample", "--run", good_run, "--n", 2, "--out", tmp_path / "afile" / "x.png"),
+                 ("sample", "--run", good_run, "--n", 2, "--out-dir", tmp_path / "afile" / "sub"),
+                 ("train", "--preset", "tiny", "--out", tmp_path / "afile" / "run"),
+                 ("schedule-plot", "--preset", "tiny", "--csv", tmp_path / "afile" / "x.csv")):
+        msg = one_line_error(invoke(*args))
+        assert f"{tmp_path / 'afile'} is a file, not a directory" in msg, msg
+    od = tmp_path / "od"
+    assert invoke("sample", "--run", good_run, "--n", 5, "--steps", 1, "--out-dir", od).exit_code == 0
+    for name in ("000000.png", "000001.png"):
+        (od / name).unlink()
+    msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--steps", 1, "--seed", 5, "--out-dir", od), 2)
+    assert "already holds 3 numbered samples" in msg and "mixed set" in msg
+    odd = tmp_path / "a\n\x1b[1mb.png"
+    r = invoke("sample", "--run", good_run, "--n", 2, "--steps", 1, "--out", odd)
+    assert r.exit_code == 0 and "a\\n\\x1b[1mb.png" in r.output and "\x1b" not in r.output, r.output
+    r = invoke("schedule-plot", "--preset", "tiny", "--out", tmp_path / "s.png", "--csv", os.fsdecode(b"c\xff.csv"))
+    assert r.exit_code == 0 and "c\\xff.csv" in r.output and "udcff" not in r.output, r.output
+    assert "1 is no blur" in one_line_error(invoke("schedule-plot", "--preset", "tiny", "--set", "diffusion.d_min=1"), 2)
+    with zipfile.ZipFile(tmp_path / "outer.zip", "w") as z:
+        z.writestr("inner.zip", b"PK")
+    msg = one_line_error(invoke("train", "--preset", "tiny", "--data", tmp_path / "outer.zip", "--out", tmp_path / "rz"), 1)
+    assert "holds 1 .zip file" in msg and not (tmp_path / "rz").exists()
+    s, x = BlurSchedule(sigma_blur_max=1), torch.randn(4, 3, 8, 8)
+    cases = [(lambda: sample(lambda z, t: z, x.to_sparse(), s, 2), TypeError, "dense tensor"),
+             (lambda: diffuse(x, torch.rand(2, 2), x, s), ValueError, "1-D tensor"),
+             (lambda: diffuse(x, np.longdouble(0.5), x, s), TypeError, "cannot convert"),
+             (lambda: diffuse(x, np.uint64(1), x, s), TypeError, "cannot convert")]
+    for call, kind, words in cases:
+        with pytest.raises(kind, match=re.escape(words)):
+            call()
+    assert diffuse(x, np.float32(0.5), x, s).shape == x.shape
+    cli._interrupted.set()  # a Ctrl-C inside an import: the module's own error on its next import reads as the stop
+    try:
+        with pytest.raises(typer.Exit) as e, cli.user_errors():
+            raise ImportError("cannot load module more than once per process")
+        assert e.value.exit_code == 130
+    finally:
+        cli._interrupted.clear()
+
+
+def test_round_seventeen_stderr_on_a_full_disk(good_run, tmp_path):
+    """Standard error on a full disk (2>/dev/full): sampling stopped with exit 1 and wrote nothing, silently, and a
+    training that had finished exited 1. Progress and warnings are dropped now; the work and the exit code stand."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "bdm_cli", "sample", "--run", str(good_run), "--n", "2", "--steps", "1",
+                            "--out", str(tmp_path / "g.png")], cwd=ROOT, timeout=300, stdout=subprocess.PIPE, stderr=full,
+                           text=True)
+    assert p.returncode == 0 and (tmp_path / "g.png").is_file() and "Wrote" in p.stdout, p.stdout

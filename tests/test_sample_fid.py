@@ -180,7 +180,9 @@ def test_fid_equals_pytorch_fid_cli(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     ours, kid = value(r.output, "FID"), value(r.output, "KID")
     assert abs(ours - theirs) < 1e-3, (ours, theirs)
-    assert "rank-deficient" in r.output and "over 100 subsets of 200 images" in r.output
+    # 200 images each, under the subset size: every subset would be both whole sets, so one estimate and no "±"
+    assert "rank-deficient" in r.output and "KID: " in r.output and "the whole sets, 200 images each" in r.output
+    assert "±" not in r.output
     # The saved statistics (with the KID features) and the cache give the same numbers without the images.
     r = invoke("fid", tmp_path / "a.npz", b, "--inception-weights", weights, "--device", "cpu")
     assert r.exit_code == 0 and abs(value(r.output, "FID") - ours) < 1e-9 and value(r.output, "KID") == kid

@@ -29,7 +29,12 @@ def check_times(t, name: str = "t") -> None:
         if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
             bad = t[~((t >= 0) & (t <= 1))].flatten()[0].item()
             raise ValueError(f"{name} must be in [0, 1], got {bad}")
-    elif isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, bool):  # what torch converts
+    elif isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, bool):
+        try:  # what torch converts: not np.longdouble or np.uint64
+            torch.as_tensor(t)
+        except (TypeError, RuntimeError):
+            raise TypeError(f"{name} must be a tensor or a number in [0, 1], got a {type(t).__name__}, which torch "
+                            "cannot convert (use a float)") from None
         if not 0 <= t <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {t}")
     else:
@@ -44,12 +49,17 @@ def check_images(x, name: str = "x", batch=None) -> None:
         raise TypeError(f"{name} must be a torch.Tensor [B, C, H, W], got {type(x).__name__}")
     if x.is_meta:
         raise TypeError(f"{name} is a meta tensor (a shape without values)")
+    if x.layout != torch.strided:  # the DCT's matrix products and expand do not take sparse tensors
+        raise TypeError(f"{name} must be a dense tensor, got layout {x.layout} (use .to_dense())")
     if x.ndim != 4 or 0 in x.shape:
         raise ValueError(f"{name} must be [B, C, H, W] with no empty dim, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if batch is not None and (n := torch.as_tensor(batch).numel()) not in (1, x.shape[0]):
         raise ValueError(f"{name} holds {x.shape[0]} images but {n} times were given (one, or one per image)")
+    if batch is not None and torch.as_tensor(batch).ndim > 1:  # [2, 2] times for 4 images: which time is whose?
+        raise ValueError(f"the times for {name} must be a number or a 1-D tensor [B], got shape "
+                         f"{tuple(torch.as_tensor(batch).shape)}")
 
 
 def check_like(y, x: torch.Tensor, name: str, other: str) -> None:
