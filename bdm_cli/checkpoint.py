@@ -59,7 +59,7 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt? {type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a bdm checkpoint (no model/config entries)")
-    if not isinstance(state.get("format", FORMAT), int) or isinstance(state.get("format"), bool):
+    if not isinstance(state.get("format", FORMAT), int) or isinstance(state.get("format"), bool) or state.get("format", FORMAT) < 1:
         raise CheckpointError(f"{path} is not a valid bdm checkpoint: 'format' is not a version number "
                               f"({reprlib.repr(state.get('format'))})")
     if state.get("format", FORMAT) > FORMAT:
@@ -97,6 +97,8 @@ def _check_contents(state: dict, path: Path) -> None:
         bad = "'data_stats' is not a mapping of names to tensors"
     elif "opt" in state and not isinstance(state["opt"], dict):
         bad = "'opt' is not an optimizer state"
+    elif "data" in state and not isinstance(state["data"], str):
+        bad = "'data' is not a dataset's description"
     if bad:
         raise CheckpointError(f"{path} is not a valid bdm checkpoint: {bad}")
 

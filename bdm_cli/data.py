@@ -198,11 +198,12 @@ class FileImages(torch.utils.data.Dataset):
                           stacklevel=1)
             return None
 
-    def mode(self, i: int) -> str | None:
-        """Image i's mode as stored, from its header (None if it cannot be read: it is skipped when it is loaded)."""
+    def header(self, i: int) -> tuple[str, tuple[int, int]] | None:
+        """Image i's mode and size as stored, from its header (None if it cannot be read: it is skipped when it is
+        loaded)."""
         try:
             with self._open(self.names[i]) as f, open_image(f, self.names[i]) as img:
-                return img.mode
+                return img.mode, img.size
         except (*READ_ERRORS, DataError):
             return None
 
@@ -374,10 +375,25 @@ def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = 
         images = cifar10_uint8(split)
         return TensorImages(torch.stack([preprocess(Image.fromarray(a), resolution, channels) for a in images]))
     images = FileImages(source, image_names(source, split), resolution, channels)
-    if channels == 1:  # a few headers, spread over the dataset (its first image may be the one grey one)
-        picks = sorted({round(k * (len(images) - 1) / 7) for k in range(8)})
-        _warn_if_grey(shown(source), next((m for i in picks if (m := images.mode(i)) in COLOUR_MODES), None), channels)
+    # a few headers, spread over the dataset (its first image may be the one grey one, or the one small one)
+    headers = [h for k in sorted({round(k * (len(images) - 1) / 7) for k in range(8)}) if (h := images.header(k))]
+    _warn_if_grey(shown(source), next((mode for mode, _ in headers if mode in COLOUR_MODES), None), channels)
+    small = [size for _, size in headers if min(size) < resolution]
+    if small:  # a 1 x 1000 strip becomes one flat colour: as blur-preview's load_image says for one image
+        warnings.warn(f"{len(small)} of {len(headers)} images looked at in {shown(source)} are smaller than "
+                      f"data.resolution {resolution} (such as {small[0][0]} x {small[0][1]}): their centre squares are "
+                      "enlarged, blurry or flat", stacklevel=1)
     return images
+
+
+def dataset_fingerprint(data: torch.utils.data.Dataset) -> str:
+    """The image count and, for files, a hash of their names: a run stores it, and its resume says when the images
+    under the same dataset path changed (the data order and the stored statistics are then the old images')."""
+    import hashlib
+
+    names = getattr(data, "names", None)
+    digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()[:16] if names else ""
+    return f"{len(data)} images" + (f", names {digest}" if digest else "")
 
 
 COLOUR_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV")

@@ -49,10 +49,14 @@ RESERVOIR = 10_000  # feature rows kept for KID: 100 subsets of 1,000 draw from 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` with ``tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))``:
     the symmetric form is exact for PSD matrices, rank-deficient ones included, and needs no sqrtm."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise UserError(f"statistics of different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
+    arrays = [np.asarray(a) for a in (mu1, sigma1, mu2, sigma2)]
+    if any(a.dtype.kind not in "fiu" or not np.isfinite(a).all() for a in arrays):  # max(0, nan) below would be 0
+        raise UserError("FID of statistics that are not finite real numbers (NaN, inf, complex or objects)")
+    mu1, mu2 = (np.atleast_1d(a.astype(np.float64)) for a in arrays[::2])
+    s1, s2 = (np.atleast_2d(a.astype(np.float64)) for a in arrays[1::2])
+    if mu1.ndim != 1 or s1.shape != (len(mu1),) * 2 or mu2.shape != mu1.shape or s2.shape != s1.shape:
+        raise UserError(f"statistics of different dimensions: mu {mu1.shape} with sigma {s1.shape}, mu {mu2.shape} "
+                        f"with sigma {s2.shape}")
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
     for which, eig in (("first", w), ("second", np.linalg.eigvalsh((s2 + s2.T) / 2))):
         if eig.min() < -1e-6 * max(1.0, eig.max()):  # rounding gives about -1e-12; clipping more would hide it
@@ -85,6 +89,9 @@ def kid_subsets(n1: int, n2: int, *, subsets: int = 100, subset_size: int = 1000
                 seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The row indices of each KID subset: ``subsets`` pairs of ``min(subset_size, n1, n2)`` indices into each set,
     each drawn without replacement (as torchmetrics' ``randperm(n)[:m]``), from one seeded numpy Generator."""
+    for name, value in (("subsets", subsets), ("subset_size", subset_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UsageError(f"KID's {name} must be a whole number, got {value!r}")
     if subsets < 1 or subset_size < 2:
         raise UsageError(f"KID needs at least 1 subset of at least 2 images, got {subsets} subsets of {subset_size}")
     if min(n1, n2) < 2:

@@ -44,6 +44,9 @@ def image_statistics(x: torch.Tensor) -> dict:
     if x.ndim != 4 or x.shape[0] < 2:  # a variance over images needs two of them
         raise ValueError(f"image_statistics needs [N, C, H, W] with N >= 2 images, got shape {tuple(x.shape)}")
     check_images(x)
+    if x.min() >= 0 and x.max() > 2:  # 8-bit values as floats: every pixel would count as saturated
+        raise ValueError(f"image_statistics needs images in [-1, 1], got values in [0, {x.max().item():g}] (0..255? use "
+                         "x / 127.5 - 1)")
     x = x.double()
     var_u = dct2(x).var(0, unbiased=True).mean(0)  # [H, W], averaged over channels
     low, high = band_masks(*x.shape[-2:])
@@ -65,6 +68,10 @@ def compare(samples: torch.Tensor | dict, data: torch.Tensor | dict) -> dict:
     ``|log|`` std ratio over all frequencies, as a ratio; ``mean`` and ``data_mean`` are the pixel means."""
     s = samples if isinstance(samples, dict) else image_statistics(samples)
     d = data if isinstance(data, dict) else image_statistics(data)
+    for which, stats in (("samples", s), ("data", d)):
+        if missing := {"shape", "saturated", "mean", "std", "dct_var", "dct_var_low", "dct_var_high"} - stats.keys():
+            raise ValueError(f"the {which}' statistics lack {', '.join(sorted(missing))}: give images, or a dict from "
+                             "image_statistics")
     if s["shape"] != d["shape"]:  # a grey sample's statistics against colour data's mean nothing
         raise ValueError(f"samples of shape [C, H, W] = {list(s['shape'])} against data of shape {list(d['shape'])}: "
                          "compare images of one shape")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, check_resumable, load_checkpoint, save_checkpoint, write_config
 from .config import Config, to_dict
-from .data import collate_valid, make_dataset
+from .data import collate_valid, dataset_fingerprint, make_dataset
 from .engine import dct2, eps_loss, sample
 from .errors import UserError
 from .io import atomic_write, make_grid, remove_stale_temps, save_image
@@ -249,6 +249,9 @@ def data_stats(data, max_images: int = 10_000, batch: int = 500) -> dict[str, to
     if n == 0:
         raise UserError("none of the dataset's images could be read")
     mean = s1 / n
+    if float((s2 / n).diagonal(dim1=-2, dim2=-1).sum() - (mean**2).sum()) <= 1e-10 * mean.numel():
+        raise UserError(f"the dataset's images are all the same ({n} read, no variance at any frequency): a diffusion "
+                        "model needs images that differ")
     m = mean.permute(1, 2, 0)  # [H, W, C]
     var, basis = torch.linalg.eigh(s2 / n - m[..., :, None] * m[..., None, :])  # per frequency, ascending
     return {"mean_u": mean.float(), "var_u": var.permute(2, 0, 1).clamp(min=1e-8).float(),
@@ -328,6 +331,10 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     network = bf16_network(compiled(net, tc.compile, device, cuda_graphs=not ddp.distributed), device, tc.bf16)
     schedule = cfg.diffusion
     data = make_dataset(cfg.data.dataset, cfg.data.resolution, cfg.data.channels, cfg.data.split)
+    fingerprint = dataset_fingerprint(data)
+    if resume and ddp.main and state.get("data") not in (None, fingerprint):
+        warnings.warn(f"the dataset changed since the run started ({state['data']}, now {fingerprint}): training goes "
+                      "on with it, but its data order is not the run's, and its statistics are the first images'")
     stats = (state.get("data_stats") if resume else None) or data_stats(data)
     stats = {k: v.to(device) for k, v in stats.items()} if stats else None
     eps_model = denoiser(network, cfg, stats)
@@ -359,7 +366,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
         rng = {"gen": gathered(gen.get_state()), "torch": gathered(torch.get_rng_state())}
         if ddp.main:
             save_checkpoint(run_dir / CHECKPOINT, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                                   "step": step, "config": to_dict(cfg), "rng": rng,
+                                                   "step": step, "config": to_dict(cfg), "rng": rng, "data": fingerprint,
                                                    "data_stats": {k: v.cpu() for k, v in stats.items()} if stats else {}})
 
     # Per-step scalars stay on the device and are read only at log and checkpoint steps: a GPU then never waits

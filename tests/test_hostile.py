@@ -1549,7 +1549,7 @@ def test_round_eleven_engine_refuses_what_it_cannot_compute():
         (lambda: time_grid(s, 0), ValueError, "steps must be a whole number"),
         (lambda: time_grid(s, 2.5), ValueError, "steps must be a whole number"),
         (lambda: dct_matrix(4, torch.int64), TypeError, "floating-point"),
-        (lambda: dct_matrix(0), ValueError, "n must be a whole number >= 1"),
+        (lambda: dct_matrix(0), ValueError, "n must be a whole number between 1 and 8192"),
         (lambda: dct2(torch.zeros(2, 0, 0)), ValueError, "at least 1 x 1"),
         (lambda: BlurSchedule(sigma_blur_max="20"), TypeError, "finite number"),
         (lambda: sample(zero, noise, s, True), ValueError, "steps must be a whole number"),
@@ -2149,3 +2149,55 @@ def test_round_seventeen_stderr_on_a_full_disk(good_run, tmp_path):
                             "--out", str(tmp_path / "g.png")], cwd=ROOT, timeout=300, stdout=subprocess.PIPE, stderr=full,
                            text=True)
     assert p.returncode == 0 and (tmp_path / "g.png").is_file() and "Wrote" in p.stdout, p.stdout
+
+
+def test_round_eighteen(good_run, tmp_path):
+    """FID of NaN statistics was 0 (max(0, nan)); bounds finite in float64 but not in the noise's float32 made every
+    sample NaN, as did d_min = 1e-300; a callback that changed Step.x_u in place changed the samples; images smaller
+    than data.resolution trained as flat squares without a word, and identical images trained at all; a resume
+    after the dataset changed said nothing; dct2 of a 1 x 50000 strip asked for 20 GB; a meta dct2, grid "" or 0,
+    a float KID subset size, statistics dicts without their keys, 0..255 float images and a negative checkpoint
+    format passed or failed inside torch/numpy."""
+    from bdm_cli.data import TensorImages
+    from bdm_cli.engine import BlurSchedule, dct2, sample
+    from bdm_cli.errors import UserError
+    from bdm_cli.fid import frechet_distance, kernel_distance
+    from bdm_cli.spectrum import compare, image_statistics
+    from bdm_cli.train import data_stats
+
+    s, zero = BlurSchedule(sigma_blur_max=2), (lambda z, t: torch.zeros_like(z))
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    huge = torch.full((1, 8, 8), 1e300, dtype=torch.float64)
+    cases = [(lambda: frechet_distance(np.full(3, np.nan), np.eye(3), np.zeros(3), np.eye(3)), UserError, "not finite"),
+             (lambda: frechet_distance(np.zeros(3), np.eye(2), np.ones(3), np.eye(2)), UserError, "different dimensions"),
+             (lambda: sample(zero, noise, s, 2, denoised_range=(-huge, huge)), ValueError, "must be finite"),
+             (lambda: BlurSchedule(sigma_blur_max=1000, d_min=1e-300), ValueError, "d_min must be in [1e-6, 1)"),
+             (lambda: dct2(torch.rand(1, 1, 1, 50000)), ValueError, "sides up to 8192"),
+             (lambda: dct2(torch.rand(2, 2, device="meta")), TypeError, "meta tensor"),
+             (lambda: sample(zero, noise, s, 2, sampler="unipc", grid=""), ValueError, "grid must be one of"),
+             (lambda: kernel_distance(np.ones((5, 3)), np.ones((5, 3)), subset_size=2.5), UserError, "whole number"),
+             (lambda: compare({"shape": (1, 8, 8)}, torch.rand(3, 1, 8, 8)), ValueError, "statistics lack"),
+             (lambda: image_statistics(torch.rand(3, 1, 8, 8) * 255), ValueError, "x / 127.5 - 1"),
+             (lambda: data_stats(TensorImages(torch.zeros(4, 1, 8, 8))), UserError, "all the same")]
+    for call, kind, words in cases:
+        with pytest.raises(kind, match=re.escape(words)):
+            call()
+    plain = sample(zero, noise, s, 3, sampler="ddim")
+    assert torch.equal(sample(zero, noise, s, 3, sampler="ddim", callback=lambda st: st.x_u.mul_(0)), plain)
+    run = _copy_run(good_run, tmp_path / "fmt")
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["format"] = -7
+    torch.save(state, run / "checkpoint.pt")
+    assert "'format' is not a version number" in one_line_error(invoke("sample", "--run", run, "--n", 2, "--out", tmp_path / "g.png"), 1)
+    thin = tmp_path / "thin"
+    thin.mkdir()
+    for i in range(8):
+        Image.new("L", (1, 100), i * 30).save(thin / f"{i}.png")
+    with pytest.warns(UserWarning, match=re.escape("smaller than data.resolution 8 (such as 1 x 100)")):
+        assert invoke("train", "--preset", "tiny", "--data", thin, "--steps", 1, "--out", tmp_path / "rt").exit_code == 0
+    data = _images(tmp_path / "ds", n=12, size=8)
+    assert invoke("train", "--preset", "tiny", "--data", data, "--steps", 1, "--out", tmp_path / "rd").exit_code == 0
+    for p in sorted(data.iterdir())[:3]:
+        p.unlink()
+    with pytest.warns(UserWarning, match=re.escape("the dataset changed since the run started (12 images")):
+        assert invoke("train", "--resume", tmp_path / "rd", "--steps", 2).exit_code == 0

@@ -94,7 +94,7 @@ def check_model_output(eps, z: torch.Tensor) -> None:
         raise ValueError(f"the model returned a tensor on {eps.device} for an input on {z.device}")
 
 
-def check_bounds(bounds, shape, name: str = "denoised_range") -> None:
+def check_bounds(bounds, shape, name: str = "denoised_range", dtype: torch.dtype = torch.float64) -> None:
     """A pair ``(low, high)`` of floating-point tensors of exactly ``shape``, finite, with ``low <= high`` everywhere:
     bounds of another shape broadcast 1-channel noise into 3-channel samples, a NaN bound made every sample NaN and
     ``low > high`` clamped silently to ``high``. Reads the values once per call (small [C, H, W] tensors)."""
@@ -108,7 +108,8 @@ def check_bounds(bounds, shape, name: str = "denoised_range") -> None:
             raise TypeError(f"{name}'s {which} must be a floating-point tensor, got {b.dtype}")
         if b.shape != shape:
             raise ValueError(f"{name}'s {which} must have shape {list(shape)} (the images' [C, H, W]), got {list(b.shape)}")
-    low, high = (b.detach().to("cpu", torch.float64) for b in bounds)
+    # finite in the dtype they are used in (the noise's): 1e300 is finite in float64 and inf in float32
+    low, high = (b.detach().to("cpu", dtype).double() for b in bounds)
     if (bad := ~(low.isfinite() & high.isfinite() & (low <= high))).any():
         i = bad.nonzero()[0].tolist()
         raise ValueError(f"{name} must be finite with low_u <= high_u everywhere, got low_u {low[tuple(i)].item()} and "

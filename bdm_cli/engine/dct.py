@@ -21,7 +21,7 @@ from .checks import check_whole
 __all__ = ["dct2", "idct2", "dct_matrix"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=16)
 def _dct_matrix_f64(n: int) -> torch.Tensor:
     k = torch.arange(n, dtype=torch.float64)[:, None]
     i = torch.arange(n, dtype=torch.float64)[None, :]
@@ -31,16 +31,19 @@ def _dct_matrix_f64(n: int) -> torch.Tensor:
 
 
 _cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+MAX_SIDE = 8192  # an n x n float64 matrix of 512 MB: beyond any image bdm trains on (a 1 x 50000 strip wanted 20 GB)
 
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
     """The n x n orthonormal DCT-II matrix ``C`` (``dct(x) = C @ x``, ``C^-1 = C^T``)."""
-    check_whole(n, "n")
+    check_whole(n, "n", 1, MAX_SIDE)
     if not dtype.is_floating_point:  # an integer matrix rounds every entry (all below 1) to 0
         raise TypeError(f"dct_matrix needs a floating-point dtype, got {dtype}")
     key = (n, dtype, torch.device(device))
     m = _cache.get(key)
     if m is None:
+        if len(_cache) >= 64:  # one per size, dtype and device in use: a handful; never a growing pile of sizes
+            _cache.clear()
         # Built in float64 on the CPU and cast once, so float32 matrices are exact to rounding.
         m = _cache[key] = _dct_matrix_f64(n).to(device=device, dtype=dtype)
     return m
@@ -49,12 +52,16 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device 
 def _check(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"dct2/idct2 need a torch.Tensor, got {type(x).__name__}")
+    if x.is_meta:
+        raise TypeError("dct2/idct2 got a meta tensor (a shape without values)")
     if x.ndim < 2:
         raise ValueError(f"dct2/idct2 need at least 2 dims, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"dct2/idct2 need a floating-point tensor, got {x.dtype}")
     if 0 in x.shape[-2:]:
         raise ValueError(f"dct2/idct2 need images of at least 1 x 1, got shape {tuple(x.shape)}")
+    if max(x.shape[-2:]) > MAX_SIDE:  # each side's transform is a dense n x n matrix
+        raise ValueError(f"dct2/idct2 take sides up to {MAX_SIDE}, got shape {tuple(x.shape)}")
 
 
 def dct2(x: torch.Tensor) -> torch.Tensor:

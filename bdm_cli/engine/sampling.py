@@ -173,8 +173,9 @@ class _Predictor:
 
     def done(self, i: int, x_u: torch.Tensor) -> None:
         if self.callback is not None:
-            z, eps = self.inputs.pop(i)
-            self.callback(Step(i, len(self.ts) - 1, float(self.ts[i]), float(self.ts[i + 1]), z, eps, x_u))
+            z, eps = self.inputs.pop(i)  # the step's own tensors, no longer used by the sampler
+            # x_u is the sampler's state: a callback that changes its copy (to show it, say) leaves the samples alone
+            self.callback(Step(i, len(self.ts) - 1, float(self.ts[i]), float(self.ts[i + 1]), z, eps, x_u.clone()))
 
 
 def _cast(*coefficients: torch.Tensor, like: torch.Tensor):
@@ -329,8 +330,8 @@ def sample(
         raise TypeError("float16 cannot hold the blur's per-frequency scales (up to 1e5; the samples would be NaN): "
                         "sample in float32 or bfloat16")
     if denoised_range is not None:
-        check_bounds(denoised_range, noise.shape[1:])
-    grid = grid or default_grid(sampler)
+        check_bounds(denoised_range, noise.shape[1:], dtype=noise.dtype)
+    grid = default_grid(sampler) if grid is None else grid  # "" or 0 is no grid: time_grid names the choices
     height, width = noise.shape[-2:]
     ts = time_grid(schedule, steps, grid, (height, width))
     alpha, sigma = schedule.alpha_sigma(ts, height, width)  # float64 [N+1, 1, H, W], [N+1, 1, 1, 1]

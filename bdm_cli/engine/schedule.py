@@ -51,8 +51,10 @@ class BlurSchedule:
             raise ValueError(f"blur must be one of {', '.join(BLURS)}, got {self.blur!r}")
         if not 0 <= self.sigma_blur_max <= 1000:  # beyond the image's size every frequency is blurred out anyway
             raise ValueError(f"sigma_blur_max must be in [0, 1000], got {self.sigma_blur_max}")
-        if not 0 < self.d_min < 1:  # 1 would keep every frequency whole: no blur, whatever sigma_blur_max says
-            raise ValueError(f"d_min must be in (0, 1), got {self.d_min}"
+        # 1 would keep every frequency whole: no blur, whatever sigma_blur_max says. Below 1e-6 a blurred-out
+        # frequency's x prediction scales eps by over 1e8 / a_t, and at 1e-300 float32 overflows into NaN samples
+        if not 1e-6 <= self.d_min < 1:
+            raise ValueError(f"d_min must be in [1e-6, 1), got {self.d_min}"
                              + (" (1 is no blur: for that, set sigma_blur_max to 0)" if self.d_min == 1 else ""))
         # the paper clips to [-10, 10]; exp(25) stays finite; a span under 1 is no diffusion (and 0 divides by 0 in
         # t_from_logsnr)
