@@ -2201,3 +2201,21 @@ def test_round_eighteen(good_run, tmp_path):
         p.unlink()
     with pytest.warns(UserWarning, match=re.escape("the dataset changed since the run started (12 images")):
         assert invoke("train", "--resume", tmp_path / "rd", "--steps", 2).exit_code == 0
+
+
+def test_round_nineteen(tmp_path):
+    """A sigma cut to its diagonal passed the check against its feats (and changed FID); --dims was checked only
+    where the Inception loads, so two .npz inputs took --dims -64 (blaming a good file) or 100."""
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(64, 64)) / 8 + np.eye(64)
+    feats = np.abs(rng.normal(size=(500, 64)) @ mix)
+    sigma = np.cov(feats, rowvar=False)
+    np.savez(tmp_path / "full.npz", mu=feats.mean(0), sigma=sigma, n=500, feats=feats.astype(np.float32))
+    np.savez(tmp_path / "diag.npz", mu=feats.mean(0), sigma=np.diag(np.diag(sigma)), n=500, feats=feats.astype(np.float32))
+    assert "not the statistics of its feats" in one_line_error(invoke("fid", tmp_path / "diag.npz", tmp_path / "full.npz",
+                                                                      "--dims", 64), 1)
+    r = invoke("fid", tmp_path / "full.npz", tmp_path / "full.npz", "--dims", 64)
+    assert r.exit_code == 0 and "FID: 0.0000" in r.output, r.output
+    for dims in (-64, 0, 100):
+        msg = one_line_error(invoke("fid", tmp_path / "full.npz", tmp_path / "full.npz", "--dims", dims), 2)
+        assert f"--dims must be one of 64, 192, 768, 2048, got {dims}" in msg
