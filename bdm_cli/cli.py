@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import UsageError, UserError
+from .errors import INTERRUPTED, UsageError, UserError, raise_if_interrupted
 from .paths import blocking_file, first_missing, output_file, remove_empty_folders, user_path
 
 app = typer.Typer(
@@ -81,7 +81,7 @@ def user_errors():
         raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT)) from None
     except Exception as e:  # the machine's limits and toolchain, not a bug: one line that says what to do
         text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        if _interrupted.is_set():  # an error that a Ctrl-C caused (a half-imported module imported again): the stop
+        if INTERRUPTED.is_set():  # an error that a Ctrl-C caused (a half-imported module imported again): the stop
             console.print("[yellow]Interrupted.[/]")
             raise typer.Exit(130) from None
         if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _OUT_OF_MEMORY.search(str(e))):
@@ -1004,13 +1004,10 @@ def _quiet_libraries() -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-_interrupted = threading.Event()  # a Ctrl-C came: set by _on_sigint
-
-
 def _on_sigint(signum, frame) -> None:
     """Python's own Ctrl-C (a KeyboardInterrupt), remembered: one that lands inside an import leaves the module half
     made, and importing it again then fails with an error of its own, which must still read as the interruption."""
-    _interrupted.set()
+    INTERRUPTED.set()
     raise KeyboardInterrupt
 
 
@@ -1037,7 +1034,7 @@ def run() -> None:
         console.print("[yellow]Interrupted.[/]")
         sys.exit(130)
     except Exception as e:
-        if _interrupted.is_set() and not isinstance(e, typer.Exit):  # as in user_errors: the error a Ctrl-C caused
+        if INTERRUPTED.is_set() and not isinstance(e, typer.Exit):  # as in user_errors: the error a Ctrl-C caused
             console.print("[yellow]Interrupted.[/]")
             sys.exit(130)
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not one of Click's (Typer's) usage errors

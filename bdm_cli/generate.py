@@ -11,7 +11,7 @@ import torch
 from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, checkpoint_config, load_checkpoint
 from .config import Config
 from .engine import Step, sample
-from .errors import UsageError, UserError
+from .errors import UsageError, UserError, raise_if_interrupted
 from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device, seed_of
 from .unet import build_model
 
@@ -92,6 +92,7 @@ def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, st
     eps = run.denoiser(bf16, compile)
     schedule = cfg.diffusion
     for start in range(0, n, batch_size):
+        raise_if_interrupted()  # a Ctrl-C that start-up lost (see errors.INTERRUPTED): no batch after it
         idx = range(start, min(n, start + batch_size))
         gens = sample_generators(seed, idx, run.device)
         noise = torch.stack([torch.randn(shape, generator=g, device=run.device) for g in gens])

@@ -28,7 +28,7 @@ from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, check_res
 from .config import Config, to_dict
 from .data import collate_valid, dataset_fingerprint, make_dataset
 from .engine import dct2, eps_loss, sample
-from .errors import UserError
+from .errors import UserError, raise_if_interrupted
 from .io import atomic_write, make_grid, remove_stale_temps, save_image
 from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device, seed_of
 from .unet import build_model
@@ -185,6 +185,7 @@ def _join_process_group(backend: str, rank: int, world: int, cuda_device: int | 
     told = False
     while joining.is_alive():
         joining.join(0.2)
+        raise_if_interrupted()  # a Ctrl-C that start-up lost: it would wait here for 30 minutes
         if not told and time.monotonic() - start > 10:
             told = True
             print(f"Waiting for all {world} processes (this is rank {rank}) at {os.environ.get('MASTER_ADDR')}:"
@@ -411,6 +412,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
             if progress:
                 progress({"step": step, "steps": tc.steps, "loss": last_loss, "images_per_s": ips})
 
+    raise_if_interrupted()  # a Ctrl-C lost during start-up stops before the first step, as it was meant to
     with _Stop() as stop:
         for x in loader:
             skipped_images += tc.batch_size // ddp.world - len(x)  # undecodable files (warned by the dataset)
