@@ -1389,8 +1389,12 @@ def test_round_ten_one_process_of_several_stops_on_ctrl_c(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        # Ctrl-C as a terminal delivers it: a test run started in the background (`make test &`) ignores SIGINT,
+        # and its children inherit that (bdm then rightly keeps ignoring it, as Python does: the hung processes of
+        # such a run had SIGINT in /proc's SigIgn)
         proc = subprocess.Popen([sys.executable, "-m", "bdm_cli", "train", "--preset", "tiny", "--out", str(tmp_path / "r")],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(6)  # well into the rendezvous
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=30)
