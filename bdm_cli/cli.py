@@ -1030,11 +1030,9 @@ def run() -> None:
         sys.exit(2)
     try:
         code = app(prog_name="bdm", standalone_mode=False)
-    except typer.Abort:  # Ctrl-C while Click itself runs
-        console.print("[yellow]Interrupted.[/]")
-        sys.exit(130)
     except Exception as e:
-        if INTERRUPTED.is_set() and not isinstance(e, typer.Exit):  # as in user_errors: the error a Ctrl-C caused
+        # Ctrl-C while Click itself runs (its Abort), or, as in user_errors, an error that a Ctrl-C caused
+        if isinstance(e, typer.Abort) or (INTERRUPTED.is_set() and not isinstance(e, typer.Exit)):
             console.print("[yellow]Interrupted.[/]")
             sys.exit(130)
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not one of Click's (Typer's) usage errors

@@ -30,7 +30,6 @@ def _dct_matrix_f64(n: int) -> torch.Tensor:
     return m
 
 
-_cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 MAX_SIDE = 8192  # an n x n float64 matrix of 512 MB: beyond any image bdm trains on (a 1 x 50000 strip wanted 20 GB)
 
 
@@ -39,14 +38,13 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device 
     check_whole(n, "n", 1, MAX_SIDE)
     if not dtype.is_floating_point:  # an integer matrix rounds every entry (all below 1) to 0
         raise TypeError(f"dct_matrix needs a floating-point dtype, got {dtype}")
-    key = (n, dtype, torch.device(device))
-    m = _cache.get(key)
-    if m is None:
-        if len(_cache) >= 64:  # one per size, dtype and device in use: a handful; never a growing pile of sizes
-            _cache.clear()
-        # Built in float64 on the CPU and cast once, so float32 matrices are exact to rounding.
-        m = _cache[key] = _dct_matrix_f64(n).to(device=device, dtype=dtype)
-    return m
+    return _dct_matrix_cast(n, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)  # one per size, dtype and device in use: a handful; never a growing pile of sizes
+def _dct_matrix_cast(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Built in float64 on the CPU and cast once, so float32 matrices are exact to rounding.
+    return _dct_matrix_f64(n).to(device=device, dtype=dtype)
 
 
 def _check(x: torch.Tensor) -> None:
