@@ -168,6 +168,16 @@ def check_data_stats(stats: dict | None, cfg: Config, path: Path) -> None:
         slack = 1e-4 * (1 + stats["max_u"].double().abs().max())
         if not ((stats["mean_u"] >= stats["min_u"] - slack) & (stats["mean_u"] <= stats["max_u"] + slack)).all():
             raise CheckpointError(f"{path}: data_stats.mean_u lies outside [min_u, max_u]")
+    if "var_u" in stats and stats["var_u"].double().sum() <= 1e-10 * stats["var_u"].numel():  # as train.data_stats
+        raise CheckpointError(f"{path}: data_stats.var_u is all but zero: the statistics of identical images, which "
+                              "training refuses")
+    if "min_u" in stats:  # Popoviciu: a variance is at most (max - min)^2 / 4 per channel; the eigenvalues sum to the
+        # trace (train.data_stats stores the same images' population moments, eigenvalues floored at 1e-8 each)
+        total = stats["var_u"].double().sum(0)
+        bound = ((stats["max_u"].double() - stats["min_u"].double()) ** 2 / 4).sum(0) * (1 + 1e-3) + c * 1.01e-8
+        if (total > bound).any():
+            raise CheckpointError(f"{path}: data_stats.var_u exceeds what the range min_u..max_u allows (a variance is at "
+                                  "most a quarter of the squared range): the statistics are not of one dataset")
     if "basis_u" in stats:  # optional (checkpoints before it: independent channels); orthonormal columns per frequency
         b = stats["basis_u"]
         c = shape[0]

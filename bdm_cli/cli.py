@@ -341,6 +341,10 @@ def train_cmd(
             for name in (CHECKPOINT, "config.yaml", "metrics.jsonl"):  # before the run's files change
                 if (run_dir / name).exists():
                     check_writable(run_dir / name)
+            for name in ("samples", "tb"):  # found here, not after the data is read and the start is announced
+                if (run_dir / name).is_symlink() or ((run_dir / name).exists() and not (run_dir / name).is_dir()):
+                    raise UsageError(f"{run_dir / name} is not a folder (bdm train writes its {name} there): move it "
+                                     "away to continue the run")
             saved = checkpoint_config(state, run_dir / CHECKPOINT)
             asked = _check_config_file(run_dir, saved)
             target = saved

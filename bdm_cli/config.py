@@ -281,8 +281,9 @@ def _read_yaml(path: Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        return {}
+    if data is None:  # an empty (or truncated) file would train the defaults under its name without a word
+        raise ConfigError(f"{path}: the preset is empty (no settings); write the settings that differ from the "
+                          "defaults, or {} to train the defaults themselves")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a mapping of sections, got {type(data).__name__}")
     return data

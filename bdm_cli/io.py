@@ -8,6 +8,7 @@ a half-written file where a good one was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import math
 import os
@@ -87,7 +88,12 @@ def atomic_write(path: Path | str, mode: str = "wb", *, exclusive: bool = False)
     replace a file that exists by then (another process writing the same folder), an error instead."""
     path = check_writable(Path(path))
     # the name is cut so that a long (valid) output name still leaves room for the temporary one's additions
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as e:  # /proc, a read-only mount: the error names the output, not bdm's temporary file
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OutputError(f"cannot write {path}: {e.strerror} (its folder {path.parent} takes no new files)") from None
     try:
         try:
             bits = stat.S_IMODE(os.stat(path).st_mode)  # a replaced file keeps its mode: a private checkpoint stays so

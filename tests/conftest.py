@@ -30,3 +30,19 @@ def image_file(tmp_path):
     path = tmp_path / "img.png"
     Image.fromarray(arr).save(path)
     return path
+
+
+def _tree_names() -> set[str]:
+    """The checkout's top-level names and everything under runs/ (where bdm writes by default)."""
+    names = {p.name for p in ROOT.iterdir()}
+    return names | {str(p.relative_to(ROOT)) for p in (ROOT / "runs").rglob("*")} if (ROOT / "runs").is_dir() else names
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_untouched():
+    """Tests write only under their tmp_path: a test that wrote into the checkout (a relative --csv name once
+    committed a stray ``c\\xff.csv``) fails the run, naming what appeared."""
+    before = _tree_names()
+    yield
+    new = sorted(_tree_names() - before - {".pytest_cache", "__pycache__"})
+    assert not new, f"the tests wrote into the checkout {ROOT}: {new}"

@@ -2114,7 +2114,7 @@ def test_round_seventeen(good_run, tmp_path):
     odd = tmp_path / "a\n\x1b[1mb.png"
     r = invoke("sample", "--run", good_run, "--n", 2, "--steps", 1, "--out", odd)
     assert r.exit_code == 0 and "a\\n\\x1b[1mb.png" in r.output and "\x1b" not in r.output, r.output
-    r = invoke("schedule-plot", "--preset", "tiny", "--out", tmp_path / "s.png", "--csv", os.fsdecode(b"c\xff.csv"))
+    r = invoke("schedule-plot", "--preset", "tiny", "--out", tmp_path / "s.png", "--csv", os.fsdecode(bytes(tmp_path) + b"/c\xff.csv"))
     assert r.exit_code == 0 and "c\\xff.csv" in r.output and "udcff" not in r.output, r.output
     assert "1 is no blur" in one_line_error(invoke("schedule-plot", "--preset", "tiny", "--set", "diffusion.d_min=1"), 2)
     with zipfile.ZipFile(tmp_path / "outer.zip", "w") as z:
@@ -2242,3 +2242,38 @@ def test_a_lost_ctrl_c_still_stops(good_run, tmp_path):
         assert r.exit_code == 130 and "Interrupted" in r.output and not (tmp_path / "r").exists(), r.output
     finally:
         INTERRUPTED.clear()
+
+
+def test_round_twenty(good_run, tmp_path):
+    """A file named samples/ in a run folder was found after the start was announced (``File exists``); an empty
+    preset trained the defaults under its name; hand-edited data_stats whose range had collapsed to the mean (every
+    sample the mean image) or whose variance was all but zero loaded; NaN noise sampled to NaN without a word."""
+    from bdm_cli.engine import BlurSchedule, sample
+
+    run = _copy_run(good_run, tmp_path / "run")
+    (run / "samples").write_text("x")  # _copy_run copies no samples/
+    before = _snapshot(run)
+    r = invoke("train", "--resume", run, "--steps", 3)
+    assert "is not a folder (bdm train writes its samples there)" in one_line_error(r, 2) and "Training" not in r.output
+    assert _snapshot(run) == before
+    for text in ("", "# nothing yet\n", "\n\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        msg = one_line_error(invoke("train", "--preset", tmp_path / "empty.yaml", "--out", tmp_path / "e"), 2)
+        assert "the preset is empty" in msg and not (tmp_path / "e").exists()
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+    assert invoke("schedule-plot", "--preset", tmp_path / "defaults.yaml", "--out", tmp_path / "d.png").exit_code == 0
+    good = load_checkpoint(good_run / "checkpoint.pt")
+    for edit, words in ((lambda s: s.update(min_u=s["mean_u"].clone(), max_u=s["mean_u"].clone()), "exceeds what the range"),
+                        (lambda s: s.update(var_u=torch.full_like(s["var_u"], 1e-30)), "all but zero")):
+        state = load_checkpoint(good_run / "checkpoint.pt")
+        edit(state["data_stats"])
+        torch.save(state, tmp_path / "edited.pt")
+        assert words in one_line_error(invoke("sample", "--checkpoint", tmp_path / "edited.pt", "--n", 2,
+                                              "--out", tmp_path / "g.png"), 1)
+        assert not (tmp_path / "g.png").exists()
+    torch.save(good, tmp_path / "same.pt")  # the unedited statistics still load
+    assert invoke("sample", "--checkpoint", tmp_path / "same.pt", "--n", 2, "--steps", 2, "--out", tmp_path / "g.png").exit_code == 0
+    noise = torch.randn(2, 3, 8, 8)
+    noise[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="noise must be finite"):
+        sample(lambda z, t: z, noise, BlurSchedule(sigma_blur_max=1), 2)

@@ -322,6 +322,8 @@ def sample(
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     check_whole(steps, "steps", 1, MAX_STEPS)
     check_images(noise, "noise")
+    if noise.device.type == "cpu" and not bool(torch.isfinite(noise).all()):  # as check_times: no host sync on a GPU
+        raise ValueError("noise must be finite: it holds NaN or inf, and every sample would be NaN")
     check_schedule(schedule)
     check_generator(generator, noise.shape[0])
     if not isinstance(clip_denoised, bool):  # "no" is truthy
