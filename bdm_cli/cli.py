@@ -384,6 +384,9 @@ def train_cmd(
                      f"{os.path.abspath(source)} (pass --data to choose another)")
             # stored whole: a resume from another folder reads the same data, never another folder of that name
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=os.path.abspath(source)))
+        world = os.environ.get("WORLD_SIZE", "").strip()
+        if whole(world) and int(world) > 0 and cfg.train.batch_size % int(world):  # before the start is announced
+            raise UsageError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {int(world)} processes")
         made = first_missing(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         rank = os.environ.get("RANK", "").strip()
@@ -974,12 +977,21 @@ class _PipeSafe:
         except self._errors:
             self._discard()
             return len(text)
+        except OSError as e:  # standard output on a full disk: the result is lost, and the message says where
+            self._lost(e)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
         except self._errors:
             self._discard()
+        except OSError as e:
+            self._lost(e)
+
+    def _lost(self, e: OSError):
+        self._discard()  # the unwritten rest must not fail again at exit
+        raise UserError(f"cannot write to standard output ({e.strerror}): the printed result is lost (files the "
+                        "command wrote are complete)") from None
 
     def _discard(self) -> None:
         null = os.open(os.devnull, os.O_WRONLY)

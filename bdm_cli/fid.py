@@ -31,10 +31,10 @@ import torch
 from .data import (READ_ERRORS, DataError, check_not_shadowed, cifar10_uint8, image_names, open_image, read_member, shown,
                    to_8bit, why_unreadable)
 from .errors import UsageError, UserError
-from .io import atomic_write
+from .io import atomic_write, remove_stale_temps
 from .paths import cache_home, first_missing, user_path
 
-__all__ = ["frechet_distance", "kernel_distance", "polynomial_mmd", "kid_subsets", "FeatureStats", "inception", "stats_of",
+__all__ = ["frechet_distance", "kernel_distance", "polynomial_mmd", "kid_subsets", "FeatureStats", "inception", "stats_of", "check_stats",
            "ImageSource", "NAMED_REFS", "WEIGHTS_ENV", "weights_id"]
 
 WEIGHTS_ENV = "BDM_INCEPTION_WEIGHTS"
@@ -468,13 +468,16 @@ def stats_of(source: str, model, *, dims: int, device, batch_size: int = 200, wo
     mu, sigma = (st := features(model, batches(), dims, device, progress)).result()
     if st.n < 2:
         raise UserError(f"{shown(source)}: {st.n} of its {count} images could be read; FID needs at least 2")
+    check_stats(mu, sigma, np.array(st.n), st.rows, dims, f"{shown(source)} gave Inception statistics that FID cannot "
+                "use (are its images all the same? are the --inception-weights an Inception's?)")
     if use_cache and source not in NAMED_REFS and not _same_content(ds, key_of_content):
         use_cache = False  # the files changed while they were read: this result belongs to neither version
         warnings.warn(f"{shown(source)} changed while it was read: its statistics are not cached", stacklevel=1)
     if use_cache:
         try:  # the cache only saves time: a cache folder that cannot be written must not cost the result
             cached.parent.mkdir(parents=True, exist_ok=True)
-            save_stats(cached, mu, sigma, st.n, st.rows)
+            remove_stale_temps(cached.parent, older_than=3600)  # a killed writer's (up to 33 MB each); an hour: not
+            save_stats(cached, mu, sigma, st.n, st.rows)  # another bdm fid's write in progress
         except (OSError, UserError) as e:
             warnings.warn(f"the FID cache {shown(cache_dir())} could not be written ({getattr(e, 'strerror', None) or e}); "
                           f"the result is not cached (BDM_CACHE_DIR sets its place, --no-cache skips it)", stacklevel=1)
@@ -510,11 +513,18 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
             arrays = {k: f[k] for k in ("mu", "sigma", "n", "feats") if k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, MemoryError, *READ_ERRORS) as e:
         raise UserError(f"{what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
-    # float64 before any check: a float16 file's values overflow a comparison with 1e6 (and numpy warns)
-    mu, sigma, feats = (a.astype(np.float64) if a is not None and a.dtype.kind in "fiu" else a
-                        for a in (arrays.get("mu"), arrays.get("sigma"), arrays.get("feats")))
-    if mu is None or sigma is None:
+    if arrays.get("mu") is None or arrays.get("sigma") is None:
         raise UserError(f"{what}: it has no 'mu' and 'sigma' arrays")
+    return check_stats(arrays["mu"], arrays["sigma"], arrays.get("n"), arrays.get("feats"), dims, what)
+
+
+def check_stats(mu: np.ndarray, sigma: np.ndarray, n: np.ndarray | None, feats: np.ndarray | None, dims: int,
+                what: str) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """``(mu, sigma, n, feats)`` as :func:`read_stats` returns them, if they are statistics that an Inception could
+    give for a set of distinct images; the one rule for read and computed statistics (a set of identical images, or
+    absurd --inception-weights, would otherwise be scored and cached, and then refused when read back)."""
+    # float64 before any check: a float16 file's values overflow a comparison with 1e6 (and numpy warns)
+    mu, sigma, feats = (a.astype(np.float64) if a is not None and a.dtype.kind in "fiu" else a for a in (mu, sigma, feats))
     for name, a, shape in (("mu", mu, (dims,)), ("sigma", sigma, (dims, dims))):
         if a.dtype.kind not in "fiu" or a.shape != shape or not np.isfinite(a).all():
             raise UserError(f"{what}: {name} must be finite numbers of shape {shape}, got {a.dtype} {a.shape}")
@@ -533,7 +543,6 @@ def read_stats(path: Path, dims: int) -> tuple[np.ndarray, np.ndarray, int, np.n
     if feats is not None and (feats.dtype.kind not in "fiu" or feats.ndim != 2 or feats.shape[1] != dims
                               or not np.isfinite(feats).all()):
         raise UserError(f"{what}: feats must be finite numbers of shape [n, {dims}], got {feats.dtype} {feats.shape}")
-    n = arrays.get("n")
     if n is not None and not (n.dtype.kind in "iu" and n.size == 1 and int(n.reshape(-1)[0]) >= 2):
         raise UserError(f"{what}: n must be the number of images, a whole number >= 2, got {n.dtype} {n.reshape(-1)[:3]}")
     n = int(n.reshape(-1)[0]) if n is not None else -1

@@ -14,6 +14,7 @@ import math
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -131,13 +132,14 @@ def _link_new(tmp: str, path: Path) -> None:
     os.unlink(tmp)
 
 
-def remove_stale_temps(folder: Path) -> int:
+def remove_stale_temps(folder: Path, older_than: float = 0.0) -> int:
     """Delete the temporary files (``.NAME.XXXX.bdm.tmp``, bdm's own) that a killed writer left in ``folder``; returns
-    how many. Call it only where no other writer is active (a run directory as its training starts)."""
-    removed = 0
+    how many. Call it only where no other writer is active (a run directory as its training starts), or with
+    ``older_than`` seconds that no write takes (a shared cache folder)."""
+    removed, now = 0, time.time()
     for p in Path(folder).glob(f".*{TEMP_SUFFIX}"):
         with contextlib.suppress(OSError):
-            if p.is_file() and not p.is_symlink():
+            if p.is_file() and not p.is_symlink() and now - p.stat().st_mtime >= older_than:
                 p.unlink()
                 removed += 1
     return removed

@@ -8,6 +8,7 @@ DistributedDataParallel under torchrun, atomic checkpoints and exact resume.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -124,6 +125,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     distributed: bool = False  # started by torchrun: a process group and DistributedDataParallel, even for one process
+    owns_group: bool = False  # the group was made here (not by a caller who set one up): train() ends it
 
     @property
     def main(self) -> bool:
@@ -161,9 +163,10 @@ def init_distributed(device_name: str) -> Dist:
     cuda = resolve_device(device_name, local).type == "cuda"
     if cuda:
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         _join_process_group("nccl" if cuda else "gloo", int(values["RANK"]), int(values["WORLD_SIZE"]), local if cuda else None)
-    return Dist(dist.get_rank(), dist.get_world_size(), local, True)
+    return Dist(dist.get_rank(), dist.get_world_size(), local, True, owns)
 
 
 def _join_process_group(backend: str, rank: int, world: int, cuda_device: int | None) -> None:
@@ -200,6 +203,8 @@ def _join_process_group(backend: str, rank: int, world: int, cuda_device: int | 
 
 # What stops a training with a checkpoint; SIGHUP: a closed terminal or a dropped ssh session, which would otherwise
 # kill the run without one
+SECOND_CTRL_C_AFTER = 1.0  # seconds
+STOP_EVERY = 10  # steps between the ranks' agreements on a stop (a few seconds at most)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
@@ -211,15 +216,20 @@ class _Stop:
 
     def __init__(self):
         self.requested: str | None = None  # the signal's name
+        self._at = 0.0  # when it came
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS} if _main_thread() else {}
         return self
 
     def _handle(self, signum, _frame):
-        if signum == signal.SIGINT and self.requested == "SIGINT":
+        # A second Ctrl-C is a person's, a second or more later; one within a second is the first's echo: under
+        # torchrun the terminal's SIGINT reaches each rank and torchrun forwards it again (the ranks then died
+        # without a checkpoint, 5 tries in 6)
+        if signum == signal.SIGINT and self.requested == "SIGINT" and time.monotonic() - self._at > SECOND_CTRL_C_AFTER:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested, self._at = signal.Signals(signum).name, time.monotonic()
 
     def __exit__(self, *exc):
         for s, old in self._old.items():
@@ -284,8 +294,17 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     ``progress`` is called on rank 0 after every step with ``{step, steps, loss, images_per_s}``.
     Returns ``{step, loss, interrupted, device, world, model, ema}`` (the last two: the trained modules).
     """
+    ddp = init_distributed(cfg.train.device)
+    result = _train(cfg, run_dir, ddp, resume, progress)
+    if ddp.owns_group:  # ended here, once the loop's DistributedDataParallel (which holds the group) is gone: a group
+        gc.collect()  # left to the exit aborted a finished rank 1 run in 10 (gloo's threads; SIGABRT, and torchrun
+        dist.destroy_process_group()  # then killed the others and reported a failure)
+    return result
+
+
+def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callable[[dict], None] | None) -> dict:
+    """The training loop of :func:`train`, in the process group ``ddp``."""
     tc = cfg.train
-    ddp = init_distributed(tc.device)
     device = resolve_device(tc.device, ddp.local_rank)
     cuda, run_dir = device.type == "cuda", Path(run_dir)
     if tc.batch_size % ddp.world:
@@ -414,6 +433,20 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
             if progress:
                 progress({"step": step, "steps": tc.steps, "loss": last_loss, "images_per_s": ips})
 
+    # A signal sent to one process of several (a targeted kill) stopped it alone, and the others' next collective failed
+    # with a traceback and no checkpoint: every rank reads the stop requests of all over a CPU (gloo) group, every
+    # STOP_EVERY steps (no GPU synchronisation), and all stop at the same step with one checkpoint
+    control = (dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")) if ddp.distributed else None
+
+    def agreed_stop(requested: str | None) -> str | None:
+        if control is None:
+            return requested
+        if step % STOP_EVERY:
+            return None
+        signum = torch.tensor(signal.Signals[requested].value if requested else 0)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=control)
+        return signal.Signals(int(signum)).name if int(signum) else None
+
     raise_if_interrupted()  # a Ctrl-C lost during start-up stops before the first step, as it was meant to
     with _Stop() as stop:
         for x in loader:
@@ -445,8 +478,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
             if _every(step, tc.checkpoint_every):
                 settle()  # a non-finite step stops before its checkpoint is written
                 checkpoint()
-            if stop.requested:
-                stopped_by = stop.requested
+            if stopped_by := agreed_stop(stop.requested):
                 break
     if step > tick_step:  # stopped between log steps: its last steps are logged too
         log_window()
@@ -500,8 +532,8 @@ def _lock(run_dir: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise RunLocked(f"another bdm train is writing into {run_dir} (it holds {run_dir / '.lock'}); wait for it or choose "
-                        "another --out") from None
+        raise RunLocked(f"another bdm train is writing into {run_dir} (it holds {run_dir / '.lock'}); wait for it to end, "
+                        "or train into another folder") from None
     return f
 
 

@@ -2277,3 +2277,99 @@ def test_round_twenty(good_run, tmp_path):
     noise[1, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="noise must be finite"):
         sample(lambda z, t: z, noise, BlurSchedule(sigma_blur_max=1), 2)
+
+
+def test_round_twenty_one(tmp_path, monkeypatch):
+    """Identical images and absurd (finite) Inception weights were scored, cached and saved as statistics that bdm's
+    own reader then refused; an output in a folder that takes no files (/proc) named bdm's temporary file; torchrun's
+    forwarded Ctrl-C (a second SIGINT within milliseconds) stopped the ranks at once, without a checkpoint; standard
+    output on a full disk said only "No space left on device"; the exported engine helpers lacked the engine's
+    checks; a killed FID cache write left its temporary file for good."""
+    import errno
+    import tempfile
+    import time as time_module
+
+    from bdm_cli.engine import BlurSchedule, dct_matrix, default_grid, gaussian_eps, posterior_coefficients, precondition, randn
+    from bdm_cli.errors import UserError
+    from bdm_cli.io import TEMP_SUFFIX, atomic_write
+    from bdm_cli.train import SECOND_CTRL_C_AFTER, _Stop
+
+    weights = shared_file("fid/pt_inception-2015-12-05.pth")
+    monkeypatch.setenv("BDM_CACHE_DIR", str(tmp_path / "cache"))
+    same, other = tmp_path / "same", tmp_path / "other"
+    same.mkdir(), other.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40, np.uint8)).save(same / f"{i}.png")
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(other / f"{i}.png")
+    msg = one_line_error(invoke("fid", same, same, "--dims", 64, "--inception-weights", weights,
+                                "--save-stats", tmp_path / "s.npz"), 1)
+    assert "are its images all the same?" in msg and not (tmp_path / "s.npz").exists()
+    assert not list((tmp_path / "cache").rglob("*.npz"))
+    state = torch.load(weights, weights_only=True)
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, tmp_path / "zero.pth")
+    msg = one_line_error(invoke("fid", other, other, "--dims", 64, "--inception-weights", tmp_path / "zero.pth"), 1)
+    assert "--inception-weights" in msg
+    # a folder that takes no new files: the error names the output
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", refuse)
+        with pytest.raises(UserError, match=f"cannot write {re.escape(str(tmp_path / 'o.png'))}: Read-only file system"):
+            with atomic_write(tmp_path / "o.png"):
+                pass
+    # Ctrl-C: the first stops with a checkpoint; its echo within a second is the same stop; a later one interrupts
+    stop = _Stop()
+    stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGINT, None)
+    assert stop.requested == "SIGINT"
+    stop._at = time_module.monotonic() - SECOND_CTRL_C_AFTER - 0.1
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+    # the exported helpers check what the rest of the engine checks
+    s, z = BlurSchedule(sigma_blur_max=1), torch.randn(2, 3, 8, 8)
+    mean, var = torch.zeros(3, 8, 8), torch.ones(3, 8, 8)
+    for call, err in ((lambda: gaussian_eps(z, 2.0, s, mean, var), "in \\[0, 1\\]"),
+                      (lambda: gaussian_eps(z, 0.5, s, mean, -var), "positive"),
+                      (lambda: gaussian_eps(z, 0.5, s, mean[:, :4, :4], var[:, :4, :4]), "images' \\[C, H, W\\]"),
+                      (lambda: gaussian_eps(z, 0.5, s, mean[:1], var[:1]), "images' \\[C, H, W\\]"),
+                      (lambda: precondition(lambda z, t: z, s, mean[:1], var), "must both be"),
+                      (lambda: posterior_coefficients(*map(torch.tensor, (0.9, 0.3, 0.5, 0.8))), "s before t"),
+                      (lambda: randn((2, -1, 4, 4)), "whole numbers >= 1"), (lambda: randn(()), "whole numbers >= 1"),
+                      (lambda: randn((2, 3), dtype=torch.int64), "real floating point"),
+                      (lambda: randn((2, 3), dtype=torch.complex64), "real floating point"),
+                      (lambda: randn((2, 3), device="meta"), "meta"), (lambda: dct_matrix(4, device="meta"), "meta"),
+                      (lambda: default_grid("bogus"), "sampler must be one of"), (lambda: default_grid(None), "sampler must be")):
+        with pytest.raises((ValueError, TypeError), match=err):
+            call()
+    assert gaussian_eps(z, 0.5, s, mean, var).shape == z.shape
+    c = posterior_coefficients(*map(torch.tensor, (0.9, 0.3, 0.95, 0.2)))
+    assert all(torch.isfinite(v).all() for v in c)
+    # a killed writer's temporary file in the FID cache goes once it is an hour old; a fresh one (a write in
+    # progress) stays
+    cache = tmp_path / "cache" / "fid"
+    cache.mkdir(parents=True, exist_ok=True)
+    old, fresh = cache / f".a.npz.x{TEMP_SUFFIX}", cache / f".b.npz.y{TEMP_SUFFIX}"
+    old.write_bytes(b"x"), fresh.write_bytes(b"y")
+    os.utime(old, (time_module.time() - 7200,) * 2)
+    r = invoke("fid", other, tmp_path / "other", "--dims", 64, "--inception-weights", weights)
+    assert r.exit_code == 0, r.output
+    assert not old.exists() and fresh.exists()
+
+
+def test_round_twenty_one_environment(tmp_path):
+    """Standard output on a full disk said only "No space left on device" (the plot was written); a removed current
+    folder ended every command with MKL's bare "FATAL ERROR: Cannot load libtorch_cpu.so"."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "bdm_cli", "schedule-plot", "--preset", "tiny", "--out", tmp_path / "p.png"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert p.returncode == 1 and p.stderr.strip().startswith("Error: cannot write to standard output (No space left"), p.stderr
+    assert "Traceback" not in p.stderr and (tmp_path / "p.png").is_file()
+    p = subprocess.run(["bash", "-c", f'mkdir d && cd d && rmdir ../d && exec "{sys.executable}" -m bdm_cli presets'],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 1 and p.stderr.strip() == ("Error: the current folder no longer exists (it was removed or "
+                                                      "moved): cd to another folder"), p.stderr

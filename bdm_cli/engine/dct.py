@@ -38,6 +38,8 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device 
     check_whole(n, "n", 1, MAX_SIDE)
     if not dtype.is_floating_point:  # an integer matrix rounds every entry (all below 1) to 0
         raise TypeError(f"dct_matrix needs a floating-point dtype, got {dtype}")
+    if torch.device(device).type == "meta":
+        raise TypeError("dct_matrix needs values: the meta device holds none")
     return _dct_matrix_cast(n, dtype, torch.device(device))
 
 

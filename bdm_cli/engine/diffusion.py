@@ -64,6 +64,12 @@ def posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, delta: float = 1e
     Returned as ``(c_u, c_x, var)`` so that ``mean_u = c_u * u_t + c_x * x_hat_u``, with the model's x
     prediction ``x_hat_u = (u_t - sigma_t eps_u) / alpha_t`` (so ``c_x = alpha_s var / sigma_s^2``).
     """
+    ratios = [torch.as_tensor(v, dtype=torch.float64) for v in (alpha_t, sigma_t, alpha_s, sigma_s)]
+    if all(r.device.type == "cpu" for r in ratios):  # as check_times: no host sync on a GPU
+        at, st, as_, ss = ratios
+        if not bool((st * as_ >= ss * at * (1 - 1e-6)).all()):  # s after t: plausible numbers, a wrong posterior
+            raise ValueError("posterior_coefficients needs s before t: sigma_t / alpha_t >= sigma_s / alpha_s at every "
+                             "frequency")
     alpha_ts = alpha_t / alpha_s
     sigma2_s = sigma_s**2
     sigma2_ts = sigma_t**2 - alpha_ts**2 * sigma2_s
@@ -112,6 +118,15 @@ def gaussian_eps(z_t: torch.Tensor, t: torch.Tensor, schedule: BlurSchedule, mea
     covariance), and an early network cannot yet undo it. With ``mean_u = 0`` it is the oracle predictor of the
     sampler tests.
     """
+    check_times(t)
+    check_images(z_t, "z_t", batch=t)
+    check_schedule(schedule)
+    check_gaussian(mean_u, var_u, basis_u, z_t.shape[1:])
+    return _gaussian_eps(z_t, t, schedule, mean_u, var_u, basis_u)
+
+
+def _gaussian_eps(z_t, t, schedule, mean_u, var_u, basis_u):
+    """:func:`gaussian_eps` without its checks (they read values: a host sync on every training step)."""
     alpha, sigma = _alpha_sigma64(schedule, t, z_t)
     alpha, sigma = alpha.to(z_t.dtype), sigma.to(z_t.dtype)
     r = dct2(z_t) - alpha * mean_u
@@ -121,6 +136,23 @@ def gaussian_eps(z_t: torch.Tensor, t: torch.Tensor, schedule: BlurSchedule, mea
     if basis_u is not None:
         r = torch.einsum("ckhw,bkhw->bchw", basis_u, r)
     return idct2(r)
+
+
+def check_gaussian(mean_u, var_u, basis_u=None, image_shape=None) -> None:
+    """The Gaussian of :func:`gaussian_eps`: ``mean_u`` and positive ``var_u`` [C, H, W] (the images' own shape
+    when given: a one-channel Gaussian broadcast over three channels was silently another model), ``basis_u``
+    [C, C, H, W]; values read on the CPU only (no host sync on a GPU)."""
+    for name, v in (("mean_u", mean_u), ("var_u", var_u)):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.ndim != 3 or v.is_meta:
+            raise TypeError(f"{name} must be a floating-point tensor [C, H, W], got "
+                            f"{type(v).__name__ if not isinstance(v, torch.Tensor) else f'{v.dtype} {tuple(v.shape)}'}")
+    if mean_u.shape != var_u.shape or (image_shape is not None and tuple(mean_u.shape) != tuple(image_shape)):
+        raise ValueError(f"mean_u {tuple(mean_u.shape)} and var_u {tuple(var_u.shape)} must both be the images' "
+                         f"[C, H, W]" + (f" {tuple(image_shape)}" if image_shape is not None else ""))
+    if var_u.device.type == "cpu" and not bool((var_u > 0).all() & var_u.isfinite().all() & mean_u.isfinite().all()):
+        raise ValueError("var_u must be positive and mean_u, var_u finite")
+    if basis_u is not None and (not isinstance(basis_u, torch.Tensor) or tuple(basis_u.shape) != (mean_u.shape[0], *mean_u.shape)):
+        raise ValueError(f"basis_u must be [C, C, H, W] = {[mean_u.shape[0], *mean_u.shape]}")
 
 
 def precondition(net: Model, schedule: BlurSchedule, mean_u: torch.Tensor | None, var_u: torch.Tensor | None,
@@ -135,12 +167,16 @@ def precondition(net: Model, schedule: BlurSchedule, mean_u: torch.Tensor | None
     """
     if mean_u is None or var_u is None:
         return net
+    check_gaussian(mean_u, var_u, basis_u)
     # the skip runs in float32 whatever the stored statistics' dtype (a float64 mean met float32 pixels in einsum)
     mean_u, var_u, basis_u = mean_u.float(), var_u.float(), None if basis_u is None else basis_u.float()
 
     def model(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         basis = None if basis_u is None else basis_u.to(z_t.device)
-        skip = gaussian_eps(z_t.float(), t, schedule, mean_u.to(z_t.device), var_u.to(z_t.device), basis)
+        if z_t.shape[1:] != mean_u.shape:  # a shape, no values: broadcasting would quietly make another model
+            raise ValueError(f"the preconditioner's statistics are {tuple(mean_u.shape)}, the images "
+                             f"{tuple(z_t.shape[1:])}")
+        skip = _gaussian_eps(z_t.float(), t, schedule, mean_u.to(z_t.device), var_u.to(z_t.device), basis)  # checked above
         return skip + net(z_t, t).float()
 
     return model

@@ -43,6 +43,8 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 def default_grid(sampler: str) -> str:
     """Uniform in t for the paper's ancestral sampler; the blur-aware spectral grid for the ODE
     samplers, where it is far more accurate at few steps."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     return "uniform" if sampler == "ancestral" else "spectral"
 
 
@@ -124,6 +126,13 @@ def randn(shape: Sequence[int], generator: Generator = None, *, dtype=torch.floa
     """Standard normal noise; with a list of generators, row ``i`` is drawn from ``generator[i]``,
     so a sample depends only on its own generator, not on the batch it is in (EDM's
     StackedRandomGenerator)."""
+    if (not isinstance(shape, Sequence) or len(shape) == 0
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
+        raise ValueError(f"shape must be whole numbers >= 1, at least the batch's, got {shape!r}")
+    if not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"noise must be real floating point, got dtype {dtype}")
+    if device is not None and torch.device(device).type == "meta":
+        raise TypeError("noise needs values: the meta device holds none")
     check_generator(generator, shape[0])
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(*shape, generator=generator, dtype=dtype, device=device)
