@@ -391,11 +391,11 @@ def train_cmd(
         run_dir.mkdir(parents=True, exist_ok=True)
         rank = os.environ.get("RANK", "").strip()
         main = not whole(rank) or int(rank) == 0  # "00" is rank 0 too; a bad value is refused by init_distributed
-        if main:
-            out.print(f"Training [bold]{_plain(cfg.preset or 'custom')}[/] into {_plain(run_dir)} ({_plain(cfg.data.dataset)}, "
-                      f"{cfg.data.resolution}px, sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.train.steps} steps)",
-                      highlight=False)
         try:
+            if main:  # inside: a failed announcement (stdout on a full disk) leaves no run folder either
+                out.print(f"Training [bold]{_plain(cfg.preset or 'custom')}[/] into {_plain(run_dir)} ({_plain(cfg.data.dataset)}, "
+                          f"{cfg.data.resolution}px, sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.train.steps} steps)",
+                          highlight=False)
             # SIGTERM and SIGHUP before the loop takes them over (reading the data, compiling): stop like Ctrl-C
             with _stopped_by_signals(), _train_progress(cfg.train.steps, enabled=main) as progress:
                 result = train(cfg, run_dir, resume=resume is not None, progress=progress)
@@ -990,8 +990,8 @@ class _PipeSafe:
 
     def _lost(self, e: OSError):
         self._discard()  # the unwritten rest must not fail again at exit
-        raise UserError(f"cannot write to standard output ({e.strerror}): the printed result is lost (files the "
-                        "command wrote are complete)") from None
+        raise UserError(f"cannot write to standard output ({e.strerror}): stopped there (any file already written is "
+                        "complete)") from None
 
     def _discard(self) -> None:
         null = os.open(os.devnull, os.O_WRONLY)
@@ -1051,6 +1051,9 @@ def run() -> None:
         if isinstance(e, typer.Abort) or (INTERRUPTED.is_set() and not isinstance(e, typer.Exit)):
             console.print("[yellow]Interrupted.[/]")
             sys.exit(130)
+        if isinstance(e, UserError):  # outside a command's own handling: --help or --version on a full stdout
+            _error(str(e))
+            sys.exit(1)
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not one of Click's (Typer's) usage errors
             raise
         ctx = getattr(e, "ctx", None)

@@ -384,12 +384,18 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
         dist.all_gather(out, local)
         return [o.cpu() for o in out]
 
+    saved = [step] if resume else []  # the steps of the checkpoints this run holds (a message names the last)
+
+    def kept() -> str:
+        return f"the checkpoint of step {saved[-1]} is kept" if saved else "no checkpoint was written yet (nothing to resume)"
+
     def checkpoint() -> None:
         rng = {"gen": gathered(gen.get_state()), "torch": gathered(torch.get_rng_state())}
         if ddp.main:
             save_checkpoint(run_dir / CHECKPOINT, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                                    "step": step, "config": to_dict(cfg), "rng": rng, "data": fingerprint,
                                                    "data_stats": {k: v.cpu() for k, v in stats.items()} if stats else {}})
+        saved.append(step)
 
     # Per-step scalars stay on the device and are read only at log and checkpoint steps: a GPU then never waits
     # for the host between steps (no .item() in the steady state).
@@ -410,13 +416,13 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
         unread, tried = read.tolist()
         if tried >= 4 * tc.batch_size and unread > tried / 2:
             raise UserError(f"{unread:.0f} of the {tried:.0f} images read since step {start_step} could not be decoded "
-                            "(the dataset changed or is damaged; see the warnings); stopped, the last checkpoint is kept")
+                            f"(the dataset changed or is damaged; see the warnings); stopped, {kept()}")
         new, first = int(skipped.item()), int(first_skipped.item())
         skipped_batches += new
         skipped.zero_()
         if new and not tc.skip_nonfinite:
-            raise UserError(f"the loss is not finite at step {first + 1} (its update was not applied); stopped, the last "
-                            "checkpoint is kept (--set train.skip_nonfinite=true skips such batches)")
+            raise UserError(f"the loss is not finite at step {first + 1} (its update was not applied); stopped, {kept()} "
+                            "(--set train.skip_nonfinite=true skips such batches)")
 
     def log_window() -> None:
         """Log the mean loss and images/s since the last log (one sync), on rank 0."""
@@ -451,23 +457,22 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
     with _Stop() as stop:
         for x in loader:
             skipped_images += tc.batch_size // ddp.world - len(x)  # undecodable files (warned by the dataset)
-            if len(x) == 0:  # no image of this batch could be read: the step is skipped (and counted), not retried
-                skipped_batches += 1
-                step += 1
-                continue
-            x = x.to(device, non_blocking=True)
-            b = x.shape[0]
-            if cfg.data.hflip:
-                x = torch.where(torch.rand(b, 1, 1, 1, generator=gen, device=device) < 0.5, x.flip(-1), x)
-            t = torch.rand(b, generator=gen, device=device)
-            noise = torch.randn(x.shape, generator=gen, device=device)
-            if cuda:
-                x, noise = x.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-            loss, bad = train_step(eps_model, model, ema, opt, x, t, noise, schedule, lr=lr_at(step, tc.lr, tc.warmup),
-                                   grad_clip=tc.grad_clip, ema_decay=tc.ema_decay, distributed=ddp.distributed)
-            skipped += bad
-            first_skipped = torch.where((first_skipped < 0) & (bad > 0), step, first_skipped)
-            loss_sum, loss_n = loss_sum + torch.where(bad > 0, 0.0, loss), loss_n + (1 - bad)
+            if len(x) == 0:  # no image of this batch could be read: no update (counted, not retried); the step's
+                skipped_batches += 1  # logs, checks and stops still run
+            else:
+                x = x.to(device, non_blocking=True)
+                b = x.shape[0]
+                if cfg.data.hflip:
+                    x = torch.where(torch.rand(b, 1, 1, 1, generator=gen, device=device) < 0.5, x.flip(-1), x)
+                t = torch.rand(b, generator=gen, device=device)
+                noise = torch.randn(x.shape, generator=gen, device=device)
+                if cuda:
+                    x, noise = x.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+                loss, bad = train_step(eps_model, model, ema, opt, x, t, noise, schedule, lr=lr_at(step, tc.lr, tc.warmup),
+                                       grad_clip=tc.grad_clip, ema_decay=tc.ema_decay, distributed=ddp.distributed)
+                skipped += bad
+                first_skipped = torch.where((first_skipped < 0) & (bad > 0), step, first_skipped)
+                loss_sum, loss_n = loss_sum + torch.where(bad > 0, 0.0, loss), loss_n + (1 - bad)
             step += 1
             if _every(step, tc.log_every) or step == tc.steps:
                 log_window()

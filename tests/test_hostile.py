@@ -1014,7 +1014,13 @@ def test_mostly_unreadable_data_stops_training_with_its_checkpoint(tmp_path):
     for i in range(30):
         (folder / f"bad{i}.png").write_bytes(b"not a png")
     r = invoke("train", "--preset", "tiny", "--data", folder, "--out", tmp_path / "r", "--steps", 10)
-    assert "could not be decoded" in one_line_error(r, 1)
+    msg = one_line_error(r, 1)  # round twenty-two: it said "the last checkpoint is kept" where none was written
+    assert "could not be decoded" in msg and "no checkpoint was written yet" in msg, msg
+    r = invoke("train", "--preset", "tiny", "--data", folder, "--out", tmp_path / "r2", "--steps", 400,
+               "--set", "train.checkpoint_every=2", "--set", "train.log_every=4", "--set", "train.batch_size=16")
+    msg = one_line_error(r, 1)  # and batches of which no image could be read stop at the next log, not at the end
+    step = load_checkpoint(tmp_path / "r2")["step"]
+    assert f"the checkpoint of step {step} is kept" in msg and step < 40, msg
 
 
 def test_the_entry_point_with_no_arguments_closed_or_broken_output(tmp_path):
@@ -2373,3 +2379,35 @@ def test_round_twenty_one_environment(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 1 and p.stderr.strip() == ("Error: the current folder no longer exists (it was removed or "
                                                       "moved): cd to another folder"), p.stderr
+
+
+def test_round_twenty_two(tmp_path):
+    """Round twenty-one's stdout-on-a-full-disk error escaped as a traceback from --help and --version, and left an
+    empty run folder when the training's first line could not be printed; engine helpers refused valid inputs
+    (numbers, numpy integers, a float64 colour basis, dtype None) or named NaN as an order problem."""
+    import subprocess
+    import sys
+
+    from bdm_cli.engine import BlurSchedule, dct_matrix, gaussian_eps, posterior_coefficients, randn
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for args in (("--help",), ("--version",), ("train", "--help"), ("train", "--preset", "tiny", "--out", str(tmp_path / "r"))):
+        with open("/dev/full", "w") as full:
+            p = subprocess.run([sys.executable, "-m", "bdm_cli", *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                               env=env, timeout=300)
+        assert p.returncode == 1 and p.stderr.startswith("Error: cannot write to standard output"), (args, p.stderr)
+        assert "Traceback" not in p.stderr
+    assert not (tmp_path / "r").exists()
+    s, z = BlurSchedule(sigma_blur_max=2), torch.randn(3, 3, 8, 8)
+    basis = torch.linalg.qr(torch.randn(8, 8, 3, 3))[0].permute(2, 3, 0, 1).contiguous()
+    eps = gaussian_eps(z, torch.tensor([0.2, 0.5, 0.9]), s, torch.zeros(3, 8, 8).double(), torch.ones(3, 8, 8).double(),
+                       basis.double())
+    assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
+    with pytest.raises(ValueError, match="basis_u must be finite"):
+        gaussian_eps(z, 0.5, s, torch.zeros(3, 8, 8), torch.ones(3, 8, 8), basis * float("nan"))
+    assert all(torch.isfinite(v).all() for v in posterior_coefficients(0.9, 0.3, 0.95, 0.2))
+    assert all(torch.isfinite(v).all() for v in posterior_coefficients(np.array([0.9]), 0.3, 0.95, np.array([0.2])))
+    with pytest.raises(ValueError, match="finite alphas and sigmas"):
+        posterior_coefficients(float("nan"), 0.3, 0.95, 0.2)
+    assert randn((np.int64(2), 3)).shape == (2, 3) and randn((2, 3), dtype=None).dtype == torch.get_default_dtype()
+    assert dct_matrix(4, dtype=None, device=None).dtype == torch.float64

@@ -36,7 +36,8 @@ MAX_SIDE = 8192  # an n x n float64 matrix of 512 MB: beyond any image bdm train
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
     """The n x n orthonormal DCT-II matrix ``C`` (``dct(x) = C @ x``, ``C^-1 = C^T``)."""
     check_whole(n, "n", 1, MAX_SIDE)
-    if not dtype.is_floating_point:  # an integer matrix rounds every entry (all below 1) to 0
+    dtype, device = torch.float64 if dtype is None else dtype, "cpu" if device is None else device
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:  # an integer matrix rounds every entry (all below 1) to 0
         raise TypeError(f"dct_matrix needs a floating-point dtype, got {dtype}")
     if torch.device(device).type == "meta":
         raise TypeError("dct_matrix needs values: the meta device holds none")

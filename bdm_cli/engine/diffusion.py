@@ -64,9 +64,13 @@ def posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, delta: float = 1e
     Returned as ``(c_u, c_x, var)`` so that ``mean_u = c_u * u_t + c_x * x_hat_u``, with the model's x
     prediction ``x_hat_u = (u_t - sigma_t eps_u) / alpha_t`` (so ``c_x = alpha_s var / sigma_s^2``).
     """
-    ratios = [torch.as_tensor(v, dtype=torch.float64) for v in (alpha_t, sigma_t, alpha_s, sigma_s)]
-    if all(r.device.type == "cpu" for r in ratios):  # as check_times: no host sync on a GPU
-        at, st, as_, ss = ratios
+    # numbers and numpy arrays as float64 tensors (their own arithmetic has no clamp)
+    alpha_t, sigma_t, alpha_s, sigma_s = (v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
+                                          for v in (alpha_t, sigma_t, alpha_s, sigma_s))
+    if all(v.device.type == "cpu" for v in (alpha_t, sigma_t, alpha_s, sigma_s)):  # as check_times: no sync on a GPU
+        at, st, as_, ss = (v.double() for v in (alpha_t, sigma_t, alpha_s, sigma_s))
+        if not all(bool(v.isfinite().all()) for v in (at, st, as_, ss)):
+            raise ValueError("posterior_coefficients needs finite alphas and sigmas, got NaN or inf")
         if not bool((st * as_ >= ss * at * (1 - 1e-6)).all()):  # s after t: plausible numbers, a wrong posterior
             raise ValueError("posterior_coefficients needs s before t: sigma_t / alpha_t >= sigma_s / alpha_s at every "
                              "frequency")
@@ -122,7 +126,8 @@ def gaussian_eps(z_t: torch.Tensor, t: torch.Tensor, schedule: BlurSchedule, mea
     check_images(z_t, "z_t", batch=t)
     check_schedule(schedule)
     check_gaussian(mean_u, var_u, basis_u, z_t.shape[1:])
-    return _gaussian_eps(z_t, t, schedule, mean_u, var_u, basis_u)
+    mean_u, var_u = mean_u.to(z_t), var_u.to(z_t)  # the images' dtype and device, as precondition() casts them
+    return _gaussian_eps(z_t, t, schedule, mean_u, var_u, None if basis_u is None else basis_u.to(z_t))
 
 
 def _gaussian_eps(z_t, t, schedule, mean_u, var_u, basis_u):
@@ -151,8 +156,11 @@ def check_gaussian(mean_u, var_u, basis_u=None, image_shape=None) -> None:
                          f"[C, H, W]" + (f" {tuple(image_shape)}" if image_shape is not None else ""))
     if var_u.device.type == "cpu" and not bool((var_u > 0).all() & var_u.isfinite().all() & mean_u.isfinite().all()):
         raise ValueError("var_u must be positive and mean_u, var_u finite")
-    if basis_u is not None and (not isinstance(basis_u, torch.Tensor) or tuple(basis_u.shape) != (mean_u.shape[0], *mean_u.shape)):
-        raise ValueError(f"basis_u must be [C, C, H, W] = {[mean_u.shape[0], *mean_u.shape]}")
+    if basis_u is not None and (not isinstance(basis_u, torch.Tensor) or not basis_u.is_floating_point() or basis_u.is_meta
+                                or tuple(basis_u.shape) != (mean_u.shape[0], *mean_u.shape)):
+        raise ValueError(f"basis_u must be real floating point [C, C, H, W] = {[mean_u.shape[0], *mean_u.shape]}")
+    if basis_u is not None and basis_u.device.type == "cpu" and not bool(basis_u.isfinite().all()):
+        raise ValueError("basis_u must be finite")
 
 
 def precondition(net: Model, schedule: BlurSchedule, mean_u: torch.Tensor | None, var_u: torch.Tensor | None,

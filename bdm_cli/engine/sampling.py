@@ -20,6 +20,7 @@ computed once per call, in float64, for every step, and :class:`_Predictor` is t
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Callable, Sequence
@@ -127,9 +128,11 @@ def randn(shape: Sequence[int], generator: Generator = None, *, dtype=torch.floa
     so a sample depends only on its own generator, not on the batch it is in (EDM's
     StackedRandomGenerator)."""
     if (not isinstance(shape, Sequence) or len(shape) == 0
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
+            or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape)):
         raise ValueError(f"shape must be whole numbers >= 1, at least the batch's, got {shape!r}")
-    if not dtype.is_floating_point or dtype.is_complex:
+    shape = tuple(int(n) for n in shape)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
         raise TypeError(f"noise must be real floating point, got dtype {dtype}")
     if device is not None and torch.device(device).type == "meta":
         raise TypeError("noise needs values: the meta device holds none")
