@@ -485,10 +485,12 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
                 checkpoint()
             if stopped_by := agreed_stop(stop.requested):
                 break
-    if step > tick_step:  # stopped between log steps: its last steps are logged too
-        log_window()
-    settle()
-    checkpoint()
+        # still under _Stop: a signal now waits for the last checkpoint (a Ctrl-C here raised inside a rank's final
+        # all_gather, and a new run without an earlier checkpoint lost its folder)
+        if step > tick_step:  # stopped between log steps: its last steps are logged too
+            log_window()
+        settle()
+        checkpoint()
     if writer:
         writer.close()
     if ddp.main and stopped_by is None and step >= tc.steps and tc.steps > 0:

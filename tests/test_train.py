@@ -189,6 +189,29 @@ def test_ddp_a_signal_to_one_process_stops_all_with_a_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == STOP_EVERY
 
 
+def test_a_signal_during_the_last_checkpoint_waits_for_it(tmp_path):
+    """A Ctrl-C after the loop (in the final log, settle or checkpoint) raised inside them: under torchrun inside a
+    rank's all_gather, and a new run without an earlier checkpoint lost its folder. It now waits for the checkpoint."""
+    script = tmp_path / "last.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import bdm_cli.train as T\n"
+        "from bdm_cli.config import load_config\n"
+        "real = T.save_checkpoint\n"
+        "def save(path, state):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # as the final checkpoint is written\n"
+        "    return real(path, state)\n"
+        "T.save_checkpoint = save\n"
+        "cfg = load_config('tiny', ['train.steps=3', 'train.checkpoint_every=0', 'train.sample_every=0'])\n"
+        "r = T.train(cfg, sys.argv[1])\n"
+        "print('ended at', r['step'])\n"
+    )
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ended at 3" in proc.stdout, proc.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3
+
+
 def _write_images(folder, n=6, size=(20, 14), mode="RGB"):
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
