@@ -779,8 +779,7 @@ def fid_cmd(
             raise UsageError(f"--workers must be in 0..{MAX_WORKERS}, got {workers}")
         if not 0 < kid_subsets <= MAX_KID_SUBSETS:  # clean-fid and torchmetrics use 100
             raise UsageError(f"--kid-subsets must be in 1..{MAX_KID_SUBSETS}, got {kid_subsets}")
-        if dims not in fid.DIMS:  # here, not only where the Inception loads: two .npz inputs load none
-            raise UsageError(f"--dims must be one of {', '.join(map(str, fid.DIMS))}, got {dims}")
+        fid.check_dims(dims)  # here, not only where the Inception loads: two .npz inputs load none
         if kid_subset_size < 2:  # the unbiased estimate averages over pairs of distinct images
             raise UsageError(f"--kid-subset-size must be at least 2, got {kid_subset_size}")
         sampling = run is not None or checkpoint is not None

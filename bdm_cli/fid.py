@@ -34,8 +34,8 @@ from .errors import UsageError, UserError
 from .io import atomic_write, remove_stale_temps
 from .paths import cache_home, first_missing, user_path
 
-__all__ = ["frechet_distance", "kernel_distance", "polynomial_mmd", "kid_subsets", "FeatureStats", "inception", "stats_of", "check_stats",
-           "ImageSource", "NAMED_REFS", "WEIGHTS_ENV", "weights_id"]
+__all__ = ["frechet_distance", "kernel_distance", "polynomial_mmd", "kid_subsets", "FeatureStats", "inception", "stats_of",
+           "check_stats", "check_dims", "ImageSource", "NAMED_REFS", "WEIGHTS_ENV", "weights_id"]
 
 WEIGHTS_ENV = "BDM_INCEPTION_WEIGHTS"
 # pytorch-fid.inception.FID_WEIGHTS_URL, here so that cache keys need no pytorch-fid import
@@ -226,14 +226,19 @@ def _hub_weights(url: str) -> Path:
     return dest
 
 
+def check_dims(dims: int) -> None:
+    """``--dims``: one of the Inception's pool blocks."""
+    if dims not in DIMS:
+        raise UsageError(f"--dims must be one of {', '.join(map(str, DIMS))}, got {dims}")
+
+
 def inception(dims: int = 2048, weights: str | Path | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
     """pytorch-fid's FID InceptionV3 returning pool features of ``dims``; weights from ``weights``,
     ``$BDM_INCEPTION_WEIGHTS``, or pytorch-fid's own download into the torch hub cache (``weights="random"``: seeded
     random weights, for timings only)."""
     import pytorch_fid.inception as pfi
 
-    if dims not in DIMS:
-        raise UsageError(f"--dims must be one of {', '.join(map(str, DIMS))}, got {dims}")
+    check_dims(dims)
     if weights == "random":
         return _random_inception(dims).to(device).eval().to(memory_format=torch.channels_last)
     path = _weights_path(weights) or _hub_weights(FID_WEIGHTS_URL)

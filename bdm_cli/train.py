@@ -211,7 +211,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(si
 class _Stop:
     """Ctrl-C (SIGINT), SIGTERM (a scheduler's kill) and SIGHUP (a closed terminal) set a flag that the loop checks between steps, so a stop ends
     with a consistent checkpoint: a KeyboardInterrupt raised at an arbitrary point could fire inside a lock (rich's
-    live display) or half-way through an optimizer step. A second Ctrl-C interrupts at once; the last saved
+    live display) or half-way through an optimizer step. A second Ctrl-C (a second or more later) interrupts at once; the last saved
     checkpoint is kept."""
 
     def __init__(self):
@@ -384,18 +384,21 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
         dist.all_gather(out, local)
         return [o.cpu() for o in out]
 
-    saved = [step] if resume else []  # the steps of the checkpoints this run holds (a message names the last)
+    saved_at = step if resume else None  # the step of the run's last checkpoint (a stop's message names it)
 
     def kept() -> str:
-        return f"the checkpoint of step {saved[-1]} is kept" if saved else "no checkpoint was written yet (nothing to resume)"
+        if saved_at is None:
+            return "no checkpoint was written yet (nothing to resume)"
+        return f"the checkpoint of step {saved_at} is kept"
 
     def checkpoint() -> None:
+        nonlocal saved_at
         rng = {"gen": gathered(gen.get_state()), "torch": gathered(torch.get_rng_state())}
         if ddp.main:
             save_checkpoint(run_dir / CHECKPOINT, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                                    "step": step, "config": to_dict(cfg), "rng": rng, "data": fingerprint,
                                                    "data_stats": {k: v.cpu() for k, v in stats.items()} if stats else {}})
-        saved.append(step)
+        saved_at = step
 
     # Per-step scalars stay on the device and are read only at log and checkpoint steps: a GPU then never waits
     # for the host between steps (no .item() in the steady state).

@@ -136,6 +136,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_two(script, run_dir) -> subprocess.CompletedProcess:
+    """``script run_dir`` in two CPU processes under torchrun."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", env["MASTER_PORT"], str(script), str(run_dir)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(
@@ -148,10 +156,7 @@ def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
         "assert r['world'] == 2\n"
         "assert not torch.distributed.is_initialized()  # ended: a live gloo group aborted 1 exit in 10\n"
     )
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", env["MASTER_PORT"], str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _torchrun_two(script, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
@@ -180,10 +185,7 @@ def test_ddp_a_signal_to_one_process_stops_all_with_a_checkpoint(tmp_path):
         "assert r['interrupted'] and r['stopped_by'] == 'SIGTERM', r\n"
         "print('stopped at', r['step'])\n"
     )
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", env["MASTER_PORT"], str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _torchrun_two(script, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(f"stopped at {STOP_EVERY}") == 2, proc.stdout
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == STOP_EVERY
