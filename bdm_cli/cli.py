@@ -387,10 +387,11 @@ def train_cmd(
         world = os.environ.get("WORLD_SIZE", "").strip()
         if whole(world) and int(world) > 0 and cfg.train.batch_size % int(world):  # before the start is announced
             raise UsageError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {int(world)} processes")
-        made = first_missing(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         rank = os.environ.get("RANK", "").strip()
         main = not whole(rank) or int(rank) == 0  # "00" is rank 0 too; a bad value is refused by init_distributed
+        made = first_missing(run_dir) if main else None  # rank 0 writes the run's files, and removes what it made
+        if main:  # (another rank removed the folder as rank 0 wrote into it, or made it first and rank 0 kept it)
+            run_dir.mkdir(parents=True, exist_ok=True)
         try:
             if main:  # inside: a failed announcement (stdout on a full disk) leaves no run folder either
                 out.print(f"Training [bold]{_plain(cfg.preset or 'custom')}[/] into {_plain(run_dir)} ({_plain(cfg.data.dataset)}, "

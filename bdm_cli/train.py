@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -78,22 +79,27 @@ def make_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
 
 def train_step(eps_model, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
                t: torch.Tensor, noise: torch.Tensor, schedule, *, lr: float, grad_clip: float, ema_decay: float,
-               distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               distributed: bool = False, unread: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One update from a batch, entirely on the device: the eps loss, backward, clipping, the fused AdamW step and
-    the EMA. A non-finite loss or gradient (on any rank) skips the update and the EMA without a host sync.
-    Returns ``(loss, skipped)``, 0-d tensors (``skipped`` 1.0 or 0.0). ``opt`` must be fused (it reads ``found_inf``)."""
+    the EMA. A non-finite loss or gradient skips the update and the EMA without a host sync; so does ``unread``
+    (no image of this rank's share could be read and ``x`` stands in for it: the rank still takes part in the
+    step's collectives, which it would otherwise leave out of step with the other ranks'). Both are agreed over the
+    ranks. Returns ``(loss, skipped)``: a 0-d tensor, and ``[non-finite, unread]`` (1.0 where it happened on any
+    rank). ``opt`` must be fused (it reads ``found_inf``)."""
     for group in opt.param_groups:
         group["lr"] = lr
     loss = eps_loss(eps_model, x, t, noise, schedule, check_t=False)  # the loop draws t = torch.rand: no device read
     opt.zero_grad(set_to_none=True)
     loss.backward()
     bad = nonfinite(loss, list(model.parameters()), grad_clip)
+    skipped = torch.stack([bad, torch.full_like(bad, float(unread))])  # a fill, not a copy from the host: no sync
     if distributed:  # ranks skip together (an asynchronous collective, no host sync)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    opt.found_inf = bad  # the fused optimizer skips the update on the device where it is 1 (GradScaler's hook)
+        dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
+    skip = skipped.amax()
+    opt.found_inf = skip  # the fused optimizer skips the update on the device where it is 1 (GradScaler's hook)
     opt.step()
-    ema_update(ema, model, torch.where(bad > 0, 1.0, ema_decay))  # a skipped step leaves the EMA as it is
-    return loss.detach(), bad
+    ema_update(ema, model, torch.where(skip > 0, 1.0, ema_decay))  # a skipped step leaves the EMA as it is
+    return loss.detach(), skipped
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -295,11 +301,35 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     Returns ``{step, loss, interrupted, device, world, model, ema}`` (the last two: the trained modules).
     """
     ddp = init_distributed(cfg.train.device)
-    result = _train(cfg, run_dir, ddp, resume, progress)
-    if ddp.owns_group:  # ended here, once the loop's DistributedDataParallel (which holds the group) is gone: a group
-        gc.collect()  # left to the exit aborted a finished rank 1 run in 10 (gloo's threads; SIGABRT, and torchrun
-        dist.destroy_process_group()  # then killed the others and reported a failure)
-    return result
+    try:
+        return _train(cfg, run_dir, ddp, resume, progress)
+    except RuntimeError as e:
+        if ddp.distributed and peer_lost(e):  # the other rank's own error or stop is its message; this one's is this
+            raise UserError(f"another process of this run stopped or failed (its own message says why), so this one "
+                            f"stops too; {_what_is_kept(run_dir)} (torch: {_first_line(e)})") from None
+        raise
+    finally:
+        if ddp.owns_group:  # ended here, once the loop's DistributedDataParallel (which holds the group) is gone: a group
+            gc.collect()  # left to the exit aborted a finished rank 1 run in 10 (gloo's threads; SIGABRT, and torchrun
+            dist.destroy_process_group()  # then killed the others and reported a failure)
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether ``e`` is a collective's failure: a rank that stopped (its error, a signal sent to it alone, a kill)
+    leaves the others' next collective failing. torch raises gloo's as a plain RuntimeError."""
+    return isinstance(e, dist.DistError) or bool(re.search(r"gloo|nccl|closed by peer|reset by peer", str(e), re.I))
+
+
+def _what_is_kept(run_dir: Path) -> str:
+    if (Path(run_dir) / CHECKPOINT).is_file():
+        return f"its last checkpoint is kept (bdm train --resume {run_dir})"
+    return "no checkpoint was written yet"
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of torch's message, without gloo's source location ("[.../pair.cc:561] Connection closed")."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())
+    return re.split(r"\.\s|\n", text)[0][:300] if text else type(e).__name__
 
 
 def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callable[[dict], None] | None) -> dict:
@@ -403,27 +433,29 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
     # Per-step scalars stay on the device and are read only at log and checkpoint steps: a GPU then never waits
     # for the host between steps (no .item() in the steady state).
     zero = lambda: torch.zeros((), device=device)  # noqa: E731
-    loss_sum, loss_n, skipped, first_skipped = zero(), zero(), zero(), torch.full((), -1, device=device)
-    last_loss, stopped_by, skipped_batches, skipped_images = math.nan, None, 0, 0
+    loss_sum, loss_n, first_skipped = zero(), zero(), torch.full((), -1, device=device)
+    skipped = torch.zeros(2, device=device)  # steps not applied since the last read: [non-finite, a rank's share unread]
+    last_loss, stopped_by, skipped_batches = math.nan, None, 0
+    unread_here, skipped_images = 0, 0  # images that could not be decoded since the start: this rank's; all ranks' (read at settle)
     tick, tick_step, start_step = time.perf_counter(), step, step
 
     def settle() -> None:
         """Read the device's counters (one sync); a non-finite step stops training unless skipping was asked for, and
         so does a dataset of which most images could not be read (changed or damaged since the run started)."""
-        nonlocal skipped_batches, skipped
-        read = torch.tensor([float(skipped_images), float(step - start_step) * tc.batch_size], device=device)
-        if ddp.distributed:
-            dist.all_reduce(skipped)
+        nonlocal skipped_batches, skipped_images
+        read = torch.tensor([float(unread_here), float(step - start_step) * tc.batch_size], device=device)
+        if ddp.distributed:  # (``skipped`` is the same on every rank: train_step agrees on it)
             dist.all_reduce(read)
             read[1] /= ddp.world  # each rank counted the global batch, and its own unread images
         unread, tried = read.tolist()
+        skipped_images = int(unread)
         if tried >= 4 * tc.batch_size and unread > tried / 2:
             raise UserError(f"{unread:.0f} of the {tried:.0f} images read since step {start_step} could not be decoded "
                             f"(the dataset changed or is damaged; see the warnings); stopped, {kept()}")
-        new, first = int(skipped.item()), int(first_skipped.item())
-        skipped_batches += new
+        (nonfinite_steps, unread_steps), first = (int(v) for v in skipped.tolist()), int(first_skipped.item())
+        skipped_batches += nonfinite_steps + unread_steps
         skipped.zero_()
-        if new and not tc.skip_nonfinite:
+        if nonfinite_steps and not tc.skip_nonfinite:
             raise UserError(f"the loss is not finite at step {first + 1} (its update was not applied); stopped, {kept()} "
                             "(--set train.skip_nonfinite=true skips such batches)")
 
@@ -459,23 +491,24 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
     raise_if_interrupted()  # a Ctrl-C lost during start-up stops before the first step, as it was meant to
     with _Stop() as stop:
         for x in loader:
-            skipped_images += tc.batch_size // ddp.world - len(x)  # undecodable files (warned by the dataset)
-            if len(x) == 0:  # no image of this batch could be read: no update (counted, not retried); the step's
-                skipped_batches += 1  # logs, checks and stops still run
-            else:
-                x = x.to(device, non_blocking=True)
-                b = x.shape[0]
-                if cfg.data.hflip:
-                    x = torch.where(torch.rand(b, 1, 1, 1, generator=gen, device=device) < 0.5, x.flip(-1), x)
-                t = torch.rand(b, generator=gen, device=device)
-                noise = torch.randn(x.shape, generator=gen, device=device)
-                if cuda:
-                    x, noise = x.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-                loss, bad = train_step(eps_model, model, ema, opt, x, t, noise, schedule, lr=lr_at(step, tc.lr, tc.warmup),
-                                       grad_clip=tc.grad_clip, ema_decay=tc.ema_decay, distributed=ddp.distributed)
-                skipped += bad
-                first_skipped = torch.where((first_skipped < 0) & (bad > 0), step, first_skipped)
-                loss_sum, loss_n = loss_sum + torch.where(bad > 0, 0.0, loss), loss_n + (1 - bad)
+            unread_here += tc.batch_size // ddp.world - len(x)  # undecodable files (warned by the dataset)
+            unread = len(x) == 0  # no image of this rank's share could be read: a stand-in of its shape takes the
+            if unread:  # step's collectives with the other ranks, and no rank applies the step (counted, not retried)
+                x = torch.zeros(tc.batch_size // ddp.world, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+            x = x.to(device, non_blocking=True)
+            b = x.shape[0]
+            if cfg.data.hflip:
+                x = torch.where(torch.rand(b, 1, 1, 1, generator=gen, device=device) < 0.5, x.flip(-1), x)
+            t = torch.rand(b, generator=gen, device=device)
+            noise = torch.randn(x.shape, generator=gen, device=device)
+            if cuda:
+                x, noise = x.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+            loss, skip = train_step(eps_model, model, ema, opt, x, t, noise, schedule, lr=lr_at(step, tc.lr, tc.warmup),
+                                    grad_clip=tc.grad_clip, ema_decay=tc.ema_decay, distributed=ddp.distributed, unread=unread)
+            skipped += skip
+            first_skipped = torch.where((first_skipped < 0) & (skip[0] > 0), step, first_skipped)
+            applied = 1 - skip.amax()
+            loss_sum, loss_n = loss_sum + torch.where(applied > 0, loss, 0.0), loss_n + applied
             step += 1
             if _every(step, tc.log_every) or step == tc.steps:
                 log_window()

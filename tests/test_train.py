@@ -191,6 +191,74 @@ def test_ddp_a_signal_to_one_process_stops_all_with_a_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == STOP_EVERY
 
 
+def test_ddp_a_rank_that_reads_nothing_of_its_share_stays_in_step(tmp_path):
+    """A rank whose whole share of a batch could not be decoded skipped the step alone: its collectives fell out of
+    step with the other rank's (gloo aborted with a traceback). It now steps on a stand-in, and no rank applies it.
+    Skipped steps were counted once per rank, and unread images only by the rank that met them."""
+    script = tmp_path / "unread.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "import bdm_cli.train as T\n"
+        "from bdm_cli.config import load_config\n"
+        "real, calls = T.collate_valid, []\n"
+        "def collate(batch):\n"
+        "    calls.append(len(batch) == 4)  # a training batch's share (data_stats reads 500 at a time)\n"
+        "    return torch.empty(0) if os.environ['RANK'] == '1' and sum(calls) == 3 and calls[-1] else real(batch)\n"
+        "T.collate_valid = collate\n"
+        "loss, losses = T.eps_loss, []\n"
+        "def nan_once(*a, **k):  # rank 0's fifth step: a non-finite loss, skipped by both ranks and counted once\n"
+        "    losses.append(1)\n"
+        "    value = loss(*a, **k)\n"
+        "    return value * float('nan') if os.environ['RANK'] == '0' and len(losses) == 5 else value\n"
+        "T.eps_loss = nan_once\n"
+        "cfg = load_config('tiny', ['train.steps=6', 'train.batch_size=8', 'train.device=cpu', 'data.num_workers=0',\n"
+        "                           'train.skip_nonfinite=true'])\n"
+        "r = T.train(cfg, sys.argv[1])\n"
+        "torch.save(r['model'].state_dict(), os.path.join(sys.argv[1], f\"rank{os.environ['RANK']}.pt\"))\n"
+        "print('done', r['step'], r['skipped_batches'], r['skipped_images'])\n"
+    )
+    proc = _torchrun_two(script, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done 6 2 4") == 2, proc.stdout  # both ranks count the two steps, and rank 1's 4 images
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["skipped_batches"] == 2 and logged[-1]["skipped_images"] == 4
+
+
+@pytest.mark.parametrize("how", ["error", "signal"])
+def test_ddp_a_rank_that_stops_in_start_up_ends_the_others_with_one_line(tmp_path, how):
+    """Rank 1 failing (its own error) or stopped by a signal sent to it alone, before the first step: rank 0's first
+    collective failed with a gloo traceback. Launched by hand (no torchrun agent to kill rank 0 first)."""
+    stop = "raise UserError('rank one cannot go on')" if how == "error" else "os.kill(os.getpid(), signal.SIGTERM)"
+    script = tmp_path / "startup.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import bdm_cli.train as T\n"
+        "from bdm_cli.errors import UserError\n"
+        "real = T.data_stats\n"
+        "def stats(*a, **k):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        f"        {stop}\n"
+        "    return real(*a, **k)\n"
+        "T.data_stats = stats\n"
+        "from bdm_cli.cli import run\n"
+        "sys.argv = ['bdm', 'train', '--preset', 'tiny', '--out', sys.argv[1], '--set', 'train.device=cpu']\n"
+        "run()\n"
+    )
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "PYTHONPATH": str(ROOT)}
+    run_dir = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, str(script), str(run_dir)], env={**env, "RANK": r, "LOCAL_RANK": r},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ("0", "1")]
+    (out0, err0), (out1, err1) = (p.communicate(timeout=300) for p in procs)
+    assert (procs[1].returncode, procs[0].returncode) == ((1, 1) if how == "error" else (143, 1)), err0 + err1
+    assert ("Error: rank one cannot go on" if how == "error" else "Interrupted.") in err1 + out1
+    assert "Error: another process of this run stopped or failed" in err0 and "no checkpoint was written" in err0, err0
+    assert "Traceback" not in err0 + err1, err0 + err1
+    assert not run_dir.exists()  # a new run that never reached a checkpoint leaves no folder
+
+
 def test_a_signal_during_the_last_checkpoint_waits_for_it(tmp_path):
     """A Ctrl-C after the loop (in the final log, settle or checkpoint) raised inside them: under torchrun inside a
     rank's all_gather, and a new run without an earlier checkpoint lost its folder. It now waits for the checkpoint."""
