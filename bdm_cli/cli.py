@@ -18,7 +18,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import INTERRUPTED, UsageError, UserError, raise_if_interrupted
-from .paths import blocking_file, first_missing, output_file, remove_empty_folders, user_path
+from .paths import blocking_file, first_missing, not_a_folder, output_file, remove_empty_folders, user_path
 
 app = typer.Typer(
     name="bdm",
@@ -39,6 +39,7 @@ def _console(**kw) -> Console:
 
 console = _console(stderr=True)
 out = _console()
+TRAJECTORY_SAMPLES = 8  # rows of bdm sample --trajectory
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; larger ones would alias smaller ones
 MAX_COMPARE = 16  # schedule-plot --compare: each value is a line in every panel
 MAX_BATCH = 100_000  # samples or images per batch (bdm fid's bound too)
@@ -439,7 +440,7 @@ def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise UsageError(f"--out {run_dir} exists and is not a directory")
     if (blocker := blocking_file(run_dir)) is not None:
-        raise UsageError(f"--out {run_dir}: {blocker} is a file, not a directory")
+        raise UsageError(f"--out {run_dir}: {not_a_folder(blocker)}")
     if (run_dir / CHECKPOINT).exists():
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
@@ -610,7 +611,7 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise UsageError(f"--out-dir {out_dir} exists and is not a directory")
     if (blocker := blocking_file(out_dir)) is not None:
-        raise UsageError(f"--out-dir {out_dir}: {blocker} is a file, not a directory")
+        raise UsageError(f"--out-dir {out_dir}: {not_a_folder(blocker)}")
     for source in inputs:
         if Path(source).exists() and _nested(Path(source), out_dir):
             raise UsageError(f"--out-dir {out_dir} overlaps the input {source}: the samples would be read as input")
@@ -710,11 +711,11 @@ def sample_cmd(
         picked = "" if run is not None or checkpoint is not None else f" of {_plain(ckpt.parent)} (the newest run)"
         out.print(f"Sampling {n} images from step {r.step}{picked} ({_plain(r.cfg.preset)}, {name}, {k} steps, "
                   f"{nfe(name, k)} network calls per batch)", highlight=False)
-        images, snaps = [], []
+        images, snaps = [], {}  # snaps: step -> the predicted x of samples 0..7, from as many batches as hold them
 
         def snap(first: int, st) -> None:
-            if first == 0 and trajectory is not None:
-                snaps.append(st.denoised[:8].float().clamp(-1, 1).cpu())
+            if trajectory is not None and first < TRAJECTORY_SAMPLES:  # (a --batch-size below 8 showed only its own)
+                snaps.setdefault(st.i, []).append(st.denoised[: TRAJECTORY_SAMPLES - first].float().clamp(-1, 1).cpu())
             bar.update(task, advance=1)
 
         with _numbered_samples(out_dir) as save:  # a stop or failure here removes the samples it wrote
@@ -729,6 +730,7 @@ def sample_cmd(
                 save_image(make_grid(torch.cat(images)), grid_path)
                 out.print(f"Wrote {_plain(grid_path)}" + (f" (the first {GRID_MAX} samples)" if n > GRID_MAX else ""), highlight=False)
             if trajectory is not None and snaps:
+                snaps = [torch.cat(snaps[i]) for i in sorted(snaps)]
                 pick = snaps[:: max(1, len(snaps) // 10)] + ([snaps[-1]] if (len(snaps) - 1) % max(1, len(snaps) // 10) else [])
                 save_image(make_grid(torch.stack(pick, 1).flatten(0, 1), nrow=len(pick)), trajectory)
                 out.print(f"Wrote {_plain(trajectory)}", highlight=False)
@@ -889,6 +891,10 @@ def _print_kid(feats1, feats2, subsets: int, subset_size: int) -> None:
             mean, _ = fid.kernel_distance(feats1, feats2, subsets=1, subset_size=m)
             out.print(f"KID: {mean:.6f} (the whole sets, {m} images each: no more than the subset size "
                       f"{subset_size}, so no subsets to vary)", highlight=False)
+            return
+        if subsets == 1:  # one estimate: a std of 0 would read as a certain value
+            mean, _ = fid.kernel_distance(feats1, feats2, subsets=1, subset_size=subset_size)
+            out.print(f"KID: {mean:.6f} (one subset of {m} images: no spread to show)", highlight=False)
             return
         mean, std = fid.kernel_distance(feats1, feats2, subsets=subsets, subset_size=subset_size)
         out.print(f"KID: {mean:.6f} ± {std:.6f} (mean ± std over {subsets} subsets of {m} images)", highlight=False)

@@ -410,8 +410,12 @@ def _field_type(section: str, name: str):
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """``section.key=value`` strings. A string field takes the value as typed (``--data 01`` is the folder "01", not the
     number 1; ``[2024] photos`` is a name, not YAML); other fields read it as YAML (lists, numbers, booleans)."""
+    if isinstance(overrides, str) or not isinstance(overrides, (list, tuple)):  # a string read one character at a time
+        raise TypeError(f"overrides must be a list of 'section.key=value' strings, got {reprlib.repr(overrides)}")
     data: dict[str, dict[str, Any]] = {}
     for item in overrides:
+        if not isinstance(item, str):
+            raise TypeError(f"overrides must be 'section.key=value' strings, got {reprlib.repr(item)}")
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
@@ -448,6 +452,9 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(data: dict) -> Config:
     """Inverse of :func:`to_dict` (used for configs stored in checkpoints and run directories)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"saved config must be a mapping of sections, got {reprlib.repr(data)} (a damaged or foreign "
+                          "checkpoint or config.yaml)")
     data = dict(data)
     preset = data.pop("preset", "")
     if not isinstance(preset, str):

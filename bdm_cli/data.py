@@ -308,9 +308,11 @@ def load_digits(resolution: int, channels: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def cifar10_uint8(split: str):
+def cifar10_uint8(split: str, *, local_copy: str = "point --data at a local copy: a folder or zip of images, e.g. "
+                  "--data ../shared/data/cifar10-jpeg.zip"):
     """CIFAR-10's ``train`` or ``test`` images, uint8 [N, 32, 32, 3], through torchvision (downloaded once into
-    $BDM_DATA_DIR, else ~/.cache/bdm). A folder it had to create is removed again when the download fails."""
+    $BDM_DATA_DIR, else ~/.cache/bdm). A folder it had to create is removed again when the download fails;
+    ``local_copy`` then says how the command at hand takes a copy instead (train's --data, fid's input)."""
     from torchvision.datasets import CIFAR10
 
     _check_cifar10_split(split)
@@ -324,9 +326,8 @@ def cifar10_uint8(split: str):
         if made is not None:  # the folders this command made (and a partial download in them) are not left behind
             shutil.rmtree(made, ignore_errors=True)
         raise DataError(
-            f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}). Point --data at a local copy: "
-            "a folder or zip of images, e.g. --data ../shared/data/cifar10-jpeg.zip, or set BDM_DATA_DIR to a folder "
-            "holding cifar-10-batches-py"
+            f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}): {local_copy}, or set "
+            "BDM_DATA_DIR to a folder holding cifar-10-batches-py"
         ) from None
 
 

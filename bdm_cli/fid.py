@@ -110,8 +110,12 @@ def kernel_distance(feats1, feats2, *, subsets: int = 100, subset_size: int = 10
     the subset estimates, not the standard error of their mean. Unlike FID, the estimate is unbiased at any n,
     so KIDs of sets of different sizes compare. Deterministic for a ``seed``."""
     f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
-    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
+    if f1.ndim != 2 or f2.ndim != 2:
+        raise UserError(f"KID needs features as 2-D [n, dims] arrays, got shapes {f1.shape} and {f2.shape}")
+    if f1.shape[1] != f2.shape[1]:
         raise UserError(f"KID of features of different dimensions: {f1.shape} and {f2.shape}")
+    if not (np.isfinite(f1).all() and np.isfinite(f2).all()):  # as frechet_distance: NaN is no distance
+        raise UserError("KID of features that are not finite (NaN or inf): they are no Inception's features")
     scores = np.array([polynomial_mmd(f1[i], f2[j])
                        for i, j in kid_subsets(len(f1), len(f2), subsets=subsets, subset_size=subset_size, seed=seed)])
     return float(scores.mean()), float(scores.std())
@@ -372,7 +376,8 @@ def _collate(batch: list[torch.Tensor | None]) -> torch.Tensor:
 
 
 def _cifar10_tensor(split: str) -> torch.Tensor:
-    return torch.from_numpy(cifar10_uint8(split)).permute(0, 3, 1, 2).float() / 255.0
+    local = "give a local copy as the input instead: a folder or zip of its images, e.g. ../shared/data/cifar10-jpeg.zip"
+    return torch.from_numpy(cifar10_uint8(split, local_copy=local)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def as_inception_input(x: torch.Tensor) -> torch.Tensor:

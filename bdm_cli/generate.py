@@ -11,6 +11,7 @@ import torch
 from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, checkpoint_config, load_checkpoint
 from .config import Config
 from .engine import Step, sample
+from .engine.checks import check_whole
 from .errors import UsageError, UserError, raise_if_interrupted
 from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device, seed_of
 from .unet import build_model
@@ -85,8 +86,14 @@ def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, st
                    compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield batches of samples (float, on the CPU, clamped to [-1, 1] unless ``clamp=False``) for indices 0..n-1.
 
-    ``callback(first_index, step)`` is called after every sampler step.
+    ``callback(first_index, step)`` is called after every sampler step. ``steps``, ``sampler`` and ``grid`` left
+    None are the run's own (``sample`` section of its config).
     """
+    check_whole(n, "n", 0)  # n = 0: no batch
+    check_whole(batch_size, "batch_size", 1)
+    check_whole(seed, "seed", 0, 2**63 - 1)  # as --seed
+    if steps is not None:  # 0 is no number of steps (``steps or ...`` sampled the run's own 10)
+        check_whole(steps, "steps", 1)
     cfg = run.cfg
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     eps = run.denoiser(bf16, compile)
@@ -96,8 +103,9 @@ def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, st
         idx = range(start, min(n, start + batch_size))
         gens = sample_generators(seed, idx, run.device)
         noise = torch.stack([torch.randn(shape, generator=g, device=run.device) for g in gens])
-        x = sample(eps, noise, schedule, steps or cfg.sample.steps, sampler=sampler or cfg.sample.sampler,
-                   grid=grid or cfg.sample.grid or None, generator=gens,
+        x = sample(eps, noise, schedule, cfg.sample.steps if steps is None else steps,
+                   sampler=cfg.sample.sampler if sampler is None else sampler,
+                   grid=(cfg.sample.grid or None) if grid is None else grid, generator=gens,
                    callback=(lambda st, s0=start: callback(s0, st)) if callback else None,
                    denoised_range=denoised_range(run.stats))
         if not torch.isfinite(x).all():  # one check per batch; clamped, NaN would pass as black images

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import UsageError, UserError
-from .paths import blocking_file
+from .paths import blocking_file, not_a_folder
 
 __all__ = ["OutputError", "atomic_write", "atomic_write_bytes", "remove_stale_temps", "to_uint8", "save_image", "save_numbered", "make_grid",
            "check_writable", "check_outputs", "image_format", "write_image"]
@@ -45,7 +45,7 @@ def check_writable(path: Path) -> Path:
     if not parent.is_dir():
         blocker = parent if parent.exists() else blocking_file(path)
         if blocker is not None:
-            raise OutputError(f"{blocker} is a file, not a directory: {path} cannot be written inside it")
+            raise OutputError(f"{not_a_folder(blocker)}: {path} cannot be written inside it")
         raise OutputError(f"output directory does not exist: {parent}")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output directory is not writable: {parent}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["user_path", "output_file", "home", "cache_home", "first_missing", "blocking_file", "remove_empty_folders"]
+__all__ = ["user_path", "output_file", "home", "cache_home", "first_missing", "blocking_file", "not_a_folder", "remove_empty_folders"]
 
 
 def user_path(text: str | Path) -> Path:
@@ -77,6 +77,13 @@ def blocking_file(path: Path) -> Path | None:
         if folder.exists() or folder.is_symlink():
             return None if folder.is_dir() else folder
     return None
+
+
+def not_a_folder(path: Path) -> str:
+    """What :func:`blocking_file` found, for an error message: a file, or a symbolic link that leads nowhere."""
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a symbolic link to {os.readlink(path)}, which does not exist"
+    return f"{path} is a file, not a directory"
 
 
 def remove_empty_folders(path: Path, made: Path | None) -> None:

@@ -316,8 +316,12 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
 
 def peer_lost(e: BaseException) -> bool:
     """Whether ``e`` is a collective's failure: a rank that stopped (its error, a signal sent to it alone, a kill)
-    leaves the others' next collective failing. torch raises gloo's as a plain RuntimeError."""
-    return isinstance(e, dist.DistError) or bool(re.search(r"gloo|nccl|closed by peer|reset by peer", str(e), re.I))
+    leaves the others' next collective failing. torch raises gloo's as a plain RuntimeError. Not this rank's own
+    lack of memory (NCCL's buffers), which the CLI explains as such."""
+    text = str(e)
+    if re.search(r"out of memory", text, re.I):
+        return False
+    return isinstance(e, dist.DistError) or bool(re.search(r"gloo|nccl|closed by peer|reset by peer", text, re.I))
 
 
 def _what_is_kept(run_dir: Path) -> str:

@@ -377,7 +377,7 @@ def test_presets_that_are_not_text_or_contradict_themselves(tmp_path):
     bad = tmp_path / "logsnr.yaml"
     bad.write_text("diffusion:\n  logsnr_min: 10\n  logsnr_max: -10\n")
     msg = one_line_error(invoke("schedule-plot", "--preset", bad, "--out", tmp_path / "s.png"), 2)
-    assert "diffusion.logsnr_min must be at least 1 below logsnr_max" in msg
+    assert "diffusion.logsnr_min must be in [-50, -5] and logsnr_max in [5, 50]" in msg
     msg = one_line_error(invoke("schedule-plot", "--preset", "tiny", "--set", "model.channel_mult=[" + "1," * 5000 + "1]",
                                 "--out", tmp_path / "s.png"), 2)
     assert len(msg) < 200
@@ -2411,3 +2411,75 @@ def test_round_twenty_two(tmp_path):
         posterior_coefficients(float("nan"), 0.3, 0.95, 0.2)
     assert randn((np.int64(2), 3)).shape == (2, 3) and randn((2, 3), dtype=None).dtype == torch.get_default_dtype()
     assert dct_matrix(4, dtype=None, device=None).dtype == torch.float64
+
+
+def test_round_twenty_three(good_run, tmp_path, monkeypatch):
+    """Round twenty-three (after the torchrun fixes): the library's sample_batches, kernel_distance, load_config,
+    from_dict and diffuse took bad values silently or failed inside Python; a log-SNR range that never reaches noise
+    (or never nearly clean images) trained and sampled; --trajectory showed only the first batch's samples; fid's
+    offline CIFAR-10 message named train's --data; one KID subset printed a std of 0; a dangling link was a "file"."""
+    import torchvision.datasets
+
+    from bdm_cli import fid
+    from bdm_cli.config import ConfigError, from_dict, load_config
+    from bdm_cli.engine import BlurSchedule, diffuse
+    from bdm_cli.generate import load_run, sample_batches
+
+    r = load_run(good_run / "checkpoint.pt", device="cpu")
+    for kwargs, message in ((dict(n=1, steps=0), "steps must be"), (dict(n=-1), "n must be"), (dict(n=2.5), "n must be"),
+                            (dict(n=2, batch_size=0), "batch_size must be"), (dict(n=1, seed=-1), "seed must be"),
+                            (dict(n=1, seed=2**64), "seed must be")):
+        with pytest.raises(ValueError, match=message):
+            next(sample_batches(r, **kwargs))
+    assert list(sample_batches(r, 0)) == []
+    with pytest.raises(fid.UserError, match="not finite"):
+        fid.kernel_distance(np.full((5, 4), np.nan), np.random.rand(5, 4))
+    with pytest.raises(fid.UserError, match="2-D"):
+        fid.kernel_distance(np.random.rand(5), np.random.rand(5))
+    with pytest.raises(TypeError, match="list of 'section.key=value' strings"):
+        load_config("tiny", "model.channels=16")
+    with pytest.raises(TypeError, match="got 1"):
+        load_config("tiny", [1])
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        from_dict([1, 2])
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="x must be finite"):
+        diffuse(x * float("nan"), 0.5, x, BlurSchedule())
+    with pytest.raises(ValueError, match="noise must be finite"):
+        diffuse(x, 0.5, x * float("inf"), BlurSchedule())
+    for low, high in ((49, 50), (-50, -49), (-4, 10), (-10, 4)):
+        with pytest.raises(ValueError, match=r"logsnr_min must be in \[-50, -5\]"):
+            BlurSchedule(logsnr_min=low, logsnr_max=high)
+        msg = one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "x", "--set",
+                                    f"diffusion.logsnr_min={low}", "--set", f"diffusion.logsnr_max={high}"), 2)
+        assert "logsnr_min must be in [-50, -5]" in msg
+    assert not (tmp_path / "x").exists()
+    BlurSchedule(logsnr_min=-5, logsnr_max=13.3)  # VDM's range
+    strips = {}
+    for b in (3, 64):
+        out = tmp_path / f"tr{b}.png"
+        res = invoke("sample", "--run", good_run, "--n", 20, "--batch-size", b, "--trajectory", out, "--out",
+                     tmp_path / f"g{b}.png", "--device", "cpu")
+        assert res.exit_code == 0, res.output
+        strips[b] = np.asarray(Image.open(out))
+    assert strips[3].shape == strips[64].shape and (strips[3] == strips[64]).all()  # 8 samples, whatever the batch
+
+    def offline(root, **kw):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setenv("BDM_DATA_DIR", str(tmp_path / "nodata"))
+    monkeypatch.setenv("BDM_CACHE_DIR", str(tmp_path / "cache"))
+    real = fid.inception(64, "random")
+    monkeypatch.setattr(fid, "inception", lambda *a, **k: real)
+    a = _images(tmp_path / "a", n=3)
+    msg = one_line_error(invoke("fid", "cifar10-test", a, "--dims", 64, "--workers", 0), 1)
+    assert "as the input instead" in msg and "--data" not in msg
+    b = _images(tmp_path / "b", n=5, size=14)
+    res = invoke("fid", a, b, "--dims", 64, "--workers", 0, "--kid-subset-size", 2, "--kid-subsets", 1)
+    assert res.exit_code == 0 and "one subset of 2 images: no spread" in res.output and "±" not in res.output, res.output
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "c").symlink_to("../nowhere")
+    for args in (("--out", tmp_path / "runs" / "c" / "q.png"), ("--out-dir", tmp_path / "runs" / "c" / "d")):
+        msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, *args, "--device", "cpu"))
+        assert "is a symbolic link to ../nowhere, which does not exist" in msg

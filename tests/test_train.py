@@ -226,6 +226,16 @@ def test_ddp_a_rank_that_reads_nothing_of_its_share_stays_in_step(tmp_path):
     assert logged[-1]["skipped_batches"] == 2 and logged[-1]["skipped_images"] == 4
 
 
+def test_peer_lost_is_a_collective_failure_not_this_ranks_own():
+    from bdm_cli.train import _first_line, peer_lost
+
+    gloo = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[127.0.0.1]:23217. This is typically caused by a remote worker crashing. GLHF!")
+    assert peer_lost(gloo) and _first_line(gloo) == "Connection closed by peer [127.0.0.1]:23217"
+    assert peer_lost(torch.distributed.DistNetworkError("store gone"))
+    assert not peer_lost(RuntimeError("NCCL error: CUDA out of memory")) and not peer_lost(RuntimeError("shape mismatch"))
+
+
 @pytest.mark.parametrize("how", ["error", "signal"])
 def test_ddp_a_rank_that_stops_in_start_up_ends_the_others_with_one_line(tmp_path, how):
     """Rank 1 failing (its own error) or stopped by a signal sent to it alone, before the first step: rank 0's first

@@ -31,14 +31,19 @@ def diffuse(x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: Blu
             check_t: bool = True) -> torch.Tensor:
     """Sample ``z_t ~ q(z_t | x)``: ``z_t = IDCT(alpha_t * DCT(x)) + sigma_t * noise`` (Eq. 9).
 
-    ``x`` and ``noise`` are [B, C, H, W], ``t`` is [B] (or a scalar) in [0, 1], checked unless ``check_t=False``
-    (a training step whose t is ``torch.rand``: the check reads the tensor, a host synchronisation on a GPU).
+    ``x`` and ``noise`` are [B, C, H, W], finite, ``t`` is [B] (or a scalar) in [0, 1]; their values are checked on
+    the CPU unless ``check_t=False`` (a training step, whose t is ``torch.rand`` and whose non-finite steps are
+    skipped: the check reads the tensors, and on a GPU that would be a host synchronisation).
     """
     if check_t:
         check_times(t)
     check_images(x, "x", batch=t)
     check_schedule(schedule)
     check_like(noise, x, "noise", "x")  # [B, 1, H, W] noise broadcast one noise over every channel
+    if check_t and x.device.type == "cpu":  # as sample()'s noise: NaN in, NaN z_t out, without a word
+        for name, value in (("x", x), ("noise", noise)):
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be finite: it holds NaN or inf")
     alpha, sigma = _alpha_sigma64(schedule, t, x)
     return idct2(alpha.to(x.dtype) * dct2(x)) + sigma.to(x.dtype) * noise
 

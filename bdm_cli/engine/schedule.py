@@ -56,11 +56,14 @@ class BlurSchedule:
         if not 1e-6 <= self.d_min < 1:
             raise ValueError(f"d_min must be in [1e-6, 1), got {self.d_min}"
                              + (" (1 is no blur: for that, set sigma_blur_max to 0)" if self.d_min == 1 else ""))
-        # the paper clips to [-10, 10]; exp(25) stays finite; a span under 1 is no diffusion (and 0 divides by 0 in
-        # t_from_logsnr)
-        if not (-50 <= self.logsnr_min and self.logsnr_min + 1 <= self.logsnr_max <= 50):
-            raise ValueError(f"logsnr_min must be at least 1 below logsnr_max, both in [-50, 50], got {self.logsnr_min} "
-                             f"and {self.logsnr_max}")
+        # the paper clips to [-10, 10] (VDM's range is [-5, 13.3], EDM's [-8.8, 12.4]); exp(25) stays finite. Sampling
+        # starts from pure noise, which is the process at t = 1 only if the images are all but gone there (at -5,
+        # 0.7% of their variance is left), and ends with what the model learnt at t = 0, a blur of the data if it never
+        # saw them nearly clean (a range of [49, 50] or [-50, -49] trained and sampled without a word)
+        if not (-50 <= self.logsnr_min <= -5 and 5 <= self.logsnr_max <= 50):
+            raise ValueError(f"logsnr_min must be in [-50, -5] and logsnr_max in [5, 50], got {self.logsnr_min} and "
+                             f"{self.logsnr_max}: sampling starts from pure noise, so at t = 1 the images must be all but "
+                             "gone, and at t = 0 all but clean (the paper clips to [-10, 10])")
 
     # -- the base cosine schedule -------------------------------------------------
     @property
