@@ -2455,6 +2455,11 @@ def test_round_twenty_three(good_run, tmp_path, monkeypatch):
         assert "logsnr_min must be in [-50, -5]" in msg
     assert not (tmp_path / "x").exists()
     BlurSchedule(logsnr_min=-5, logsnr_max=13.3)  # VDM's range
+    from bdm_cli.engine import precondition
+
+    skip = precondition(lambda z, t: torch.zeros_like(z), BlurSchedule(), torch.zeros(3, 8, 8), torch.ones(3, 8, 8))
+    with pytest.raises(ValueError, match=r"t must be in \[0, 1\]"):  # the cosine schedule's tan is periodic
+        skip(x, torch.tensor([1.5, 0.2]))
     strips = {}
     for b in (3, 64):
         out = tmp_path / f"tr{b}.png"
