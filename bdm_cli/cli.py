@@ -68,9 +68,12 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn user errors into one line on stderr and a non-zero exit; real bugs keep their traceback."""
+    """Turn user errors into one line on stderr and a non-zero exit; real bugs keep their traceback. SIGTERM and
+    SIGHUP stop a command as Ctrl-C does (:func:`_stopped_by_signals`): "Interrupted.", 128 + the signal, and the
+    file being written is removed (blur-preview and schedule-plot left their temporary files to them)."""
     try:
-        yield
+        with _stopped_by_signals():
+            yield
     except UserError as e:
         _error(str(e))
         raise typer.Exit(e.exit_code) from None
@@ -181,10 +184,17 @@ def _set_once(given: dict[str, str], sets: list[str] | None) -> None:
 
 
 def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float | None, blur: str | None,
-                      size: int | None):
+                      size: int | None, *, command: str, data_keys: tuple[str, ...]):
+    """The preset's config with --set and the blur options, for a command that reads only its diffusion section and
+    ``data_keys``: a --set of anything else (train.seed, sample.steps) would change nothing, and is refused."""
     from .config import ConfigError, apply_overrides, load_config
 
-    cfg = load_config(preset, sets or [])
+    cfg = load_config(preset, sets or [])  # first: a typo or a bad value is named as such
+    for item in sets or []:
+        key = item.partition("=")[0].strip()
+        if not key.startswith("diffusion.") and key not in data_keys:
+            raise UsageError(f"--set {key}: bdm {command} reads only the diffusion section and "
+                             f"{', '.join(data_keys)} of a config, so it would change nothing here")
     options = (("--sigma-blur-max", "sigma_blur_max", sigma_blur_max), ("--blur", "blur", blur))
     _set_once({f"diffusion.{key}": flag for flag, key, value in options if value is not None}
               | ({"data.resolution": "--size"} if size is not None else {}), sets)
@@ -197,6 +207,17 @@ def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float
     return cfg
 
 
+def _shortest(v: float) -> str:
+    """A time as typed: 6 significant digits where they hold it (0.1, 1e-05), else every digit it needs
+    (0.9999999999999999 is not 1, and 1e-320 is not 9.99989e-321)."""
+    short, exact = f"{v:g}", repr(v)
+    return short if float(short) == v and len(short) <= len(exact) else exact
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 @app.command("blur-preview")
 def blur_preview_cmd(
     image: Annotated[Path, typer.Argument(help="An image file (any format Pillow reads).", parser=_user_path)],
@@ -205,7 +226,7 @@ def blur_preview_cmd(
     sigma_blur_max: Annotated[Optional[float], typer.Option(help="Override the preset's blur strength.")] = None,
     blur: Annotated[Optional[str], typer.Option(help="Blur schedule: sin2 | linear.")] = None,
     size: Annotated[Optional[int], typer.Option(help="Resolution (center crop + resize); default from the preset.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the noise.", min=0, max=MAX_SEED)] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the noise (default 0).", min=0, max=MAX_SEED)] = None,
     no_noise: Annotated[bool, typer.Option("--no-noise", help="Only the pure-blur row.")] = False,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output PNG.", parser=_output_file)] = Path("blur_preview.png"),
     sets: SetOpt = None,
@@ -219,7 +240,10 @@ def blur_preview_cmd(
 
     with user_errors():
         ts = _t_values(t)
-        cfg = _diffusion_config(preset, sets, sigma_blur_max, blur, size)
+        cfg = _diffusion_config(preset, sets, sigma_blur_max, blur, size, command="blur-preview",
+                                data_keys=("data.resolution", "data.channels"))
+        if no_noise and seed is not None:
+            raise UsageError("--seed draws the noise, and --no-noise shows only the pure blur: give one of them")
         resolution = size if size is not None else cfg.data.resolution
         if not 2 <= resolution <= MAX_PREVIEW:
             raise UsageError(f"--size must be in 2..{MAX_PREVIEW}, got {resolution}")
@@ -229,12 +253,12 @@ def blur_preview_cmd(
                              f"(got {len(ts)}): the strip would need more memory than bdm allows it")
         check_outputs(out_path, images=True, inputs=[image])
         x = load_image(image, resolution, cfg.data.channels)
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed or 0))
         rows = blur_strip(x, cfg.diffusion, ts, noise, with_noise=not no_noise)
-        save_strip(rows, ["original"] + [f"t={v:g}" for v in ts], out_path)
+        save_strip(rows, ["original"] + [f"t={_shortest(v)}" for v in ts], out_path)
         d = cfg.diffusion
         out.print(f"Wrote {_plain(out_path)} ({resolution}x{resolution}, sigma_blur_max={d.sigma_blur_max:g}, blur={d.blur}); "
-                  f"t = {', '.join(f'{v:g}' for v in ts)}", highlight=False)
+                  f"t = {', '.join(map(_shortest, ts))}", highlight=False)
 
 
 @app.command("schedule-plot")
@@ -262,7 +286,8 @@ def schedule_plot_cmd(
             raise UsageError(f"--format must be png or svg, got {fmt!r}")
         if out_path is not None and suffix != fmt:
             raise UsageError(f"--out {out_path} does not end in .{fmt}: the plot is written as {fmt} (--format png or svg)")
-        cfg = _diffusion_config(preset, sets, sigma_blur_max, blur, size)
+        cfg = _diffusion_config(preset, sets, sigma_blur_max, blur, size, command="schedule-plot",
+                                data_keys=("data.resolution",))
         schedule = cfg.diffusion
         schedules = [schedule]
         if compare and sigma_blur_max is not None:
@@ -340,6 +365,9 @@ def train_cmd(
             run_dir = resume
             state = load_checkpoint(run_dir)
             for name in (CHECKPOINT, "config.yaml", "metrics.jsonl"):  # before the run's files change
+                if (run_dir / name).is_dir() and not (run_dir / name).is_symlink():  # the run's name, not the user's
+                    raise UsageError(f"{run_dir / name} is a folder (bdm train writes its {name} there): move it away "
+                                     "to continue the run")
                 if (run_dir / name).exists():
                     check_writable(run_dir / name)
             for name in ("samples", "tb"):  # found here, not after the data is read and the start is announced
@@ -391,6 +419,8 @@ def train_cmd(
         rank = os.environ.get("RANK", "").strip()
         main = not whole(rank) or int(rank) == 0  # "00" is rank 0 too; a bad value is refused by init_distributed
         made = first_missing(run_dir) if main else None  # rank 0 writes the run's files, and removes what it made
+        # a user's empty folder: what the run writes into it is removed as well when it fails before a checkpoint
+        found_empty = main and resume is None and run_dir.is_dir() and not any(run_dir.iterdir())
         if main:  # (another rank removed the folder as rank 0 wrote into it, or made it first and rank 0 kept it)
             run_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -398,13 +428,14 @@ def train_cmd(
                 out.print(f"Training [bold]{_plain(cfg.preset or 'custom')}[/] into {_plain(run_dir)} ({_plain(cfg.data.dataset)}, "
                           f"{cfg.data.resolution}px, sigma_blur_max={cfg.diffusion.sigma_blur_max:g}, {cfg.train.steps} steps)",
                           highlight=False)
-            # SIGTERM and SIGHUP before the loop takes them over (reading the data, compiling): stop like Ctrl-C
-            with _stopped_by_signals(), _train_progress(cfg.train.steps, enabled=main) as progress:
+            # (SIGTERM and SIGHUP before the loop takes them over, reading the data or compiling, stop like Ctrl-C:
+            # user_errors)
+            with _train_progress(cfg.train.steps, enabled=main) as progress:
                 result = train(cfg, run_dir, resume=resume is not None, progress=progress)
         except RunLocked:  # the folder is the other training's now: never removed
             raise
         except BaseException:  # an error or Ctrl-C during start-up too: no checkpoint yet, no folder left
-            if made is not None:
+            if made is not None or found_empty:
                 _remove_unstarted_run(run_dir, made)
             raise
         if main:
@@ -543,13 +574,22 @@ def _stopped_by_signals():
             signal.signal(s, handler)
 
 
-def _remove_unstarted_run(run_dir: Path, made: Path) -> None:
+def _remove_unstarted_run(run_dir: Path, made: Path | None) -> None:
     """A run folder this command made (with the folders above it that it made), that failed before its first
-    checkpoint (a dataset that cannot be read, say), is not left behind: it holds only bdm's own files."""
+    checkpoint (a dataset that cannot be read, say), is not left behind: it holds only bdm's own files. ``made``
+    None: the user's folder, empty when the run began, is emptied and kept (its files made the same command's
+    next try a "run stopped before its first checkpoint")."""
     import shutil
 
     names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
     if names <= _RUN_FILES and "checkpoint.pt" not in names:
+        if made is None:
+            for p in run_dir.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            return
         shutil.rmtree(run_dir, ignore_errors=True)
         remove_empty_folders(run_dir.parent, made)  # the empty folders above it that this command made
 
@@ -617,15 +657,25 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
             raise UsageError(f"--out-dir {out_dir} overlaps the input {source}: the samples would be read as input")
     for f in files:  # at any depth: bdm fid reads the folder's subfolders too
         if f is not None and _nested(f, out_dir):
-            raise UsageError(f"{f} is inside --out-dir {out_dir}, which holds only the numbered samples: write it elsewhere")
-    existing = {e.name for e in os.scandir(out_dir)} if out_dir.is_dir() else set()  # one listing, not n stats
+            where = "is --out-dir itself" if f.resolve() == out_dir.resolve() else f"is inside --out-dir {out_dir}"
+            raise UsageError(f"{f} {where}, which holds only the numbered samples: write it elsewhere")
+    from .data import IMAGE_SUFFIXES
+
+    entries = list(os.scandir(out_dir)) if out_dir.is_dir() else []  # one listing, not n stats
+    existing = {e.name for e in entries}
     taken = sorted(name for name in existing if re.fullmatch(r"\d{6,}\.png", name)) if n else []
+    # bdm fid reads every image in the folder and below: others (000099.PNG, a.jpg, a subfolder's) would join the set
+    others = sorted(e.name + ("/" if e.is_dir() else "") for e in entries if not re.fullmatch(r"\d{6,}\.png", e.name)
+                    and (e.is_dir() or os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES))
     if taken:
         clash = sum(int(name[:-4]) < n for name in taken)
         raise UsageError(f"--out-dir {out_dir} already holds {len(taken)} numbered samples ({taken[0]}, ...)"
                          + (f", {clash} of them under the names it would write" if clash else
                             ", which the new ones would join into one mixed set")
                          + ": choose an empty folder or remove them")
+    if n and others:
+        raise UsageError(f"--out-dir {out_dir} holds other images or folders ({others[0]}{', ...' if len(others) > 1 else ''}) "
+                         "that bdm fid would score with the samples: choose an empty folder or move them")
 
 
 @contextlib.contextmanager
@@ -699,7 +749,7 @@ def sample_cmd(
     from .generate import find_checkpoint, load_run, sample_batches
     from .io import check_outputs, make_grid, save_image
 
-    with user_errors(), _stopped_by_signals():
+    with user_errors():
         _check_sampling(n, steps, sampler, grid, batch_size)
         grid_path = out_path or (None if out_dir else Path("grid.png"))
         ckpt = find_checkpoint(run, checkpoint)
@@ -709,8 +759,8 @@ def sample_cmd(
         k = steps or r.cfg.sample.steps
         name = sampler or r.cfg.sample.sampler
         picked = "" if run is not None or checkpoint is not None else f" of {_plain(ckpt.parent)} (the newest run)"
-        out.print(f"Sampling {n} images from step {r.step}{picked} ({_plain(r.cfg.preset)}, {name}, {k} steps, "
-                  f"{nfe(name, k)} network calls per batch)", highlight=False)
+        out.print(f"Sampling {_count(n, 'image')} from step {r.step}{picked} ({_plain(r.cfg.preset)}, {name}, {_count(k, 'step')}, "
+                  f"{_count(nfe(name, k), 'network call')} per batch)", highlight=False)
         images, snaps = [], {}  # snaps: step -> the predicted x of samples 0..7, from as many batches as hold them
 
         def snap(first: int, st) -> None:
@@ -774,7 +824,7 @@ def fid_cmd(
     from .io import check_writable
     from .runtime import resolve_device
 
-    with user_errors(), _stopped_by_signals():
+    with user_errors():
         dev = resolve_device(device)
         if not 0 < batch_size <= MAX_BATCH:
             raise UsageError(f"--batch-size must be in 1..{MAX_BATCH}, got {batch_size}")

@@ -77,9 +77,11 @@ def polynomial_mmd(x: np.ndarray, y: np.ndarray) -> float:
     what makes the estimate unbiased (it can be negative when the sets are alike). The cross term keeps all m^2
     pairs, as Binkowski et al.'s code, clean-fid and torchmetrics do (their "unbiased", not the "u-statistic")."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or y.shape != x.shape or len(x) < 2:
+        raise ValueError(f"polynomial_mmd needs two 2-D sets of the same shape with at least 2 rows, got {x.shape} and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("polynomial_mmd of features that are not finite (NaN or inf)")
     m, d = x.shape
-    if y.shape != x.shape or m < 2:
-        raise ValueError(f"polynomial_mmd needs two sets of the same shape with at least 2 rows, got {x.shape} and {y.shape}")
     k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
     within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
     return float(within - 2 * k_xy.sum() / (m * m))
@@ -385,6 +387,8 @@ def as_inception_input(x: torch.Tensor) -> torch.Tensor:
     grayscale repeated to RGB (as PIL's ``convert("RGB")`` does)."""
     from .io import to_uint8
 
+    if not bool(torch.isfinite(x).all()):  # to_uint8 would make NaN black: a diverged model's samples scored as images
+        raise ValueError("the images are not finite (NaN or inf): they cannot be scored")
     q = to_uint8(x).float() / 255.0
     return q.expand(-1, 3, -1, -1) if q.shape[1] == 1 else q
 
@@ -604,7 +608,11 @@ def check_input(source: str) -> None:
 
 def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, feats: np.ndarray | None = None) -> Path:
     """``mu``, ``sigma`` and ``n`` as pytorch-fid reads them (``n`` < 0: unknown, as for a .npz without it: left out),
-    and ``feats`` (the kept feature rows, for KID) when given."""
+    and ``feats`` (the kept feature rows, for KID) when given; refused unless :func:`read_stats` would read them back
+    (:func:`check_stats`)."""
+    mu = np.asarray(mu)
+    check_stats(mu, np.asarray(sigma), None if n < 0 else np.asarray(n), None if feats is None else np.asarray(feats),
+                mu.shape[0] if mu.ndim else 0, f"the statistics for {shown(path)}")
     arrays = dict(mu=mu, sigma=sigma) | ({} if n < 0 else dict(n=n)) | ({} if feats is None else dict(feats=feats))
     with atomic_write(path) as f:
         np.savez(f, **arrays)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .engine import BlurSchedule, dct2, diffuse, idct2
+from .engine.checks import check_images, check_times, check_whole
 from .io import atomic_write, atomic_write_bytes, to_uint8, write_image
 
 __all__ = ["blur_strip", "save_strip", "schedule_table", "plot_schedule", "write_schedule_csv"]
@@ -19,7 +20,11 @@ def blur_strip(x: torch.Tensor, schedule: BlurSchedule, ts: list[float], noise: 
     """Rows of images for one image ``x`` [C, H, W]: the original, then ``z_t`` at each t (Eq. 9, one
     shared ``noise``), and a row of pure blur ``IDCT(d_t DCT(x)) = IDCT(alpha_t DCT(x)) / a_t`` (alpha_t
     rescaled by a_t for display). Returns a list of rows, each [len(ts) + 1, C, H, W]."""
+    check_images(x[None] if isinstance(x, torch.Tensor) and x.ndim == 3 else x, "x [C, H, W]")
+    if not isinstance(noise, torch.Tensor) or noise.shape != x.shape:  # expand_as failed inside torch
+        raise ValueError(f"noise must be a tensor of x's shape {tuple(x.shape)}, got {getattr(noise, 'shape', type(noise).__name__)}")
     t = torch.tensor(ts, dtype=torch.float64)
+    check_times(t, "ts")
     xs = x.double().expand(len(ts), *x.shape)
     alpha, _ = schedule.alpha_sigma(t, x.shape[-2], x.shape[-1])
     a, _ = schedule.a_sigma(t)
@@ -36,7 +41,15 @@ def save_strip(rows: list[torch.Tensor], labels: list[str], path: Path, tile: in
     """Draw the rows as one PNG with a label over each column, tiles enlarged to ``tile`` px."""
     from PIL import Image, ImageDraw
 
+    if not rows or any(not isinstance(r, torch.Tensor) or r.shape != rows[0].shape for r in rows):
+        raise ValueError("rows must be one or more tensors of the same shape [N, C, H, W]")
+    check_images(rows[0], "rows")
     n, c, h, w = rows[0].shape
+    if len(labels) != n:  # a label short left a column unnamed; one too many was drawn past the strip
+        raise ValueError(f"labels must name each of the {n} columns, got {len(labels)}")
+    check_whole(tile, "tile", 1)
+    if any(not bool(torch.isfinite(r).all()) for r in rows):  # NaN would be drawn as black tiles
+        raise ValueError("rows must be finite: they hold NaN or inf")
     scale = max(1, tile // max(h, w))
     th, tw, pad, top = h * scale, w * scale, 4, 18
     canvas = Image.new("RGB", (n * (tw + pad) + pad, top + len(rows) * (th + pad) + pad), "white")
@@ -56,6 +69,8 @@ def schedule_table(schedule: BlurSchedule, height: int, width: int, n: int = 201
     """The schedule on ``n`` times in [0, 1]: base ``a``, ``sigma``, ``logsnr``, ``sigma_blur`` and
     ``alpha``/per-frequency log-SNR at the lowest (0, 0), a middle (H/2, W/2) and the highest
     (H-1, W-1) frequency."""
+    check_whole(n, "n", 2)  # the times 0 and 1 at least (0 divided by zero, a negative n failed in torch)
+    check_whole(height, "height"), check_whole(width, "width")
     t = torch.linspace(0, 1, n, dtype=torch.float64)
     a, sigma = schedule.a_sigma(t)
     alpha, _ = schedule.alpha_sigma(t, height, width)

@@ -44,6 +44,8 @@ def image_statistics(x: torch.Tensor) -> dict:
     if x.ndim != 4 or x.shape[0] < 2:  # a variance over images needs two of them
         raise ValueError(f"image_statistics needs [N, C, H, W] with N >= 2 images, got shape {tuple(x.shape)}")
     check_images(x)
+    if not bool(torch.isfinite(x).all()):  # NaN passes any range check (and counted as "not saturated")
+        raise ValueError("image_statistics needs finite images: they hold NaN or inf")
     if x.min() >= 0 and x.max() > 2:  # 8-bit values as floats: every pixel would count as saturated
         raise ValueError(f"image_statistics needs images in [-1, 1], got values in [0, {x.max().item():g}] (0..255? use "
                          "x / 127.5 - 1)")

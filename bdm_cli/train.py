@@ -401,6 +401,8 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
                 raise UserError(f"{run_dir / name} is a symbolic link; a run directory holds only its own files")
             if name in ("samples", "tb") and (run_dir / name).exists() and not (run_dir / name).is_dir():
                 raise UserError(f"{run_dir / name} is not a folder (bdm train writes its {name} there): move it away")
+            if name in ("config.yaml", "metrics.jsonl") and (run_dir / name).exists() and not (run_dir / name).is_file():
+                raise UserError(f"{run_dir / name} is not a file (bdm train writes its {name} there): move it away")
         lock = _lock(run_dir)  # noqa: F841 - held (open) until train() returns
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         for folder in (run_dir, run_dir / "samples"):  # what a killed (kill -9) writer left behind

@@ -1488,8 +1488,8 @@ def test_round_eleven_cli(good_run, tmp_path, image_file, monkeypatch):
     assert "--sigma-blur-max and --set diffusion.sigma_blur_max both set it" in msg
     assert "twice" in one_line_error(invoke("schedule-plot", "--compare", "1000,0,1e3", "--out", tmp_path / "s.png"), 2)
     assert "got 1.0000000001" in one_line_error(invoke("blur-preview", image_file, "--t", "1.0000000001", "--out", tmp_path / "b.png"), 2)
-    assert "sample.preview_steps must be" in one_line_error(invoke("schedule-plot", "--set", "sample.preview_steps=0",
-                                                                   "--out", tmp_path / "s.png"), 2)
+    assert "sample.preview_steps must be" in one_line_error(invoke("train", "--preset", "tiny", "--set",
+                                                                   "sample.preview_steps=0", "--out", tmp_path / "t"), 2)
     msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--out-dir", tmp_path / "od",
                                 "--trajectory", tmp_path / "od" / "traj.png"), 2)
     assert "is inside --out-dir" in msg and not (tmp_path / "od").exists()
@@ -1734,9 +1734,11 @@ def test_round_thirteen_data_read_as_it_is(tmp_path, monkeypatch):
     feats = np.abs(rng.normal(size=(100, 64)))  # Inception features are never negative
     fid.save_stats(tmp_path / "ok.npz", feats.mean(0), np.cov(feats, rowvar=False), 100, feats)
     fid.read_stats(tmp_path / "ok.npz", 64)
-    fid.save_stats(tmp_path / "bad.npz", feats.mean(0) + 5, np.cov(feats, rowvar=False), 100, feats)
+    np.savez(tmp_path / "bad.npz", mu=feats.mean(0) + 5, sigma=np.cov(feats, rowvar=False), n=100, feats=feats)
     with pytest.raises(fid.UserError, match="not the statistics of its feats"):
         fid.read_stats(tmp_path / "bad.npz", 64)
+    with pytest.raises(fid.UserError, match="not the statistics of its feats"):  # nor written (round twenty-four)
+        fid.save_stats(tmp_path / "bad2.npz", feats.mean(0) + 5, np.cov(feats, rowvar=False), 100, feats)
     assert not (tmp_path / "c").exists()
 
 
@@ -2458,8 +2460,8 @@ def test_round_twenty_three(good_run, tmp_path, monkeypatch):
     from bdm_cli.engine import precondition
 
     skip = precondition(lambda z, t: torch.zeros_like(z), BlurSchedule(), torch.zeros(3, 8, 8), torch.ones(3, 8, 8))
-    with pytest.raises(ValueError, match=r"t must be in \[0, 1\]"):  # the cosine schedule's tan is periodic
-        skip(x, torch.tensor([1.5, 0.2]))
+    with pytest.raises(ValueError, match="2 images but 3 times"):
+        skip(x, torch.tensor([0.1, 0.5, 0.2]))
     strips = {}
     for b in (3, 64):
         out = tmp_path / f"tr{b}.png"
@@ -2488,3 +2490,122 @@ def test_round_twenty_three(good_run, tmp_path, monkeypatch):
     for args in (("--out", tmp_path / "runs" / "c" / "q.png"), ("--out-dir", tmp_path / "runs" / "c" / "d")):
         msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, *args, "--device", "cpu"))
         assert "is a symbolic link to ../nowhere, which does not exist" in msg
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_round_twenty_four_a_signal_during_any_commands_write_removes_its_temporary_file(tmp_path, image_file, signum):
+    """blur-preview and schedule-plot did not turn SIGTERM or SIGHUP into a stop (only train, sample and fid did): a
+    kill as the PNG was written left its temporary file (tens of MB for a large strip) and printed nothing."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "kill.py"
+    script.write_text(
+        "import os, sys\n"
+        "real = os.fsync\n"
+        "def fsync(fd):  # the signal arrives as the output is flushed to disk\n"
+        f"    os.kill(os.getpid(), {int(signum)})\n"
+        "    return real(fd)\n"
+        "os.fsync = fsync\n"
+        "from bdm_cli.cli import run\n"
+        "sys.argv = ['bdm', *sys.argv[1:]]\n"
+        "run()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (["blur-preview", str(image_file), "--size", "16", "--out", str(out / "strip.png")],
+                 ["schedule-plot", "--preset", "tiny", "--out", str(out / "plot.png")]):
+        p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 128 + signum and "Interrupted." in p.stdout + p.stderr, (args, p.stdout, p.stderr)
+        assert "Traceback" not in p.stderr and list(out.iterdir()) == [], (args, list(out.iterdir()))
+
+
+def test_round_twenty_four_a_failed_run_in_a_users_empty_folder_leaves_it_empty(tmp_path):
+    """A new run in an existing empty --out that failed before its first checkpoint left config.yaml, metrics.jsonl,
+    samples/ and .lock there, and the same command was then refused ("holds a run stopped before its first
+    checkpoint"); a folder that the command made was removed. The user's folder is now emptied and kept."""
+    bad = _images(tmp_path / "bad", n=10, size=16)
+    for i in range(30):
+        (bad / f"b{i}.png").write_bytes((bad / "0.png").read_bytes()[:60])  # damaged: more than half unreadable
+    run = tmp_path / "mine"
+    run.mkdir()
+    msg = one_line_error(invoke("train", "--preset", "tiny", "--steps", 30, "--data", bad, "--out", run), 1)
+    assert "no checkpoint was written yet" in msg
+    assert run.is_dir() and list(run.iterdir()) == []
+    r = invoke("train", "--preset", "tiny", "--steps", 2, "--out", run)
+    assert r.exit_code == 0, r.output
+
+
+def test_round_twenty_four_library_helpers_refuse_what_they_would_turn_into_garbage(tmp_path):
+    """spectrum.image_statistics and fid.as_inception_input took NaN images (NaN statistics, black images for the
+    Inception), polynomial_mmd NaN features, save_stats wrote statistics that read_stats refuses, and the preview
+    helpers failed inside Python or torch (n = 0, no rows, a noise of another shape) or drew what they were not
+    given (a label short, tile 0, NaN tiles)."""
+    from bdm_cli import fid, spectrum
+    from bdm_cli.engine import BlurSchedule
+    from bdm_cli.preview import blur_strip, save_strip, schedule_table
+
+    nan = torch.full((4, 3, 8, 8), float("nan"))
+    with pytest.raises(ValueError, match="finite"):
+        spectrum.image_statistics(nan)
+    with pytest.raises(ValueError, match="finite"):
+        spectrum.compare(nan, torch.rand(4, 3, 8, 8) * 2 - 1)
+    with pytest.raises(ValueError, match="not finite"):
+        fid.as_inception_input(nan)
+    with pytest.raises(ValueError, match="not finite"):
+        fid.polynomial_mmd(np.full((3, 4), np.nan), np.ones((3, 4)))
+    with pytest.raises(ValueError, match="2-D"):
+        fid.polynomial_mmd(np.ones(3), np.ones(3))
+    for mu, sigma, n, what in ((np.zeros(4), np.eye(4), 0, "n must be"), (np.full(4, np.nan), np.eye(4), 5, "mu must be")):
+        with pytest.raises(fid.UserError, match=what):
+            fid.save_stats(tmp_path / "s.npz", mu, sigma, n)
+    assert not list(tmp_path.iterdir())
+    feats = np.random.default_rng(0).random((6, 4))
+    written = fid.save_stats(tmp_path / "ok.npz", feats.mean(0), np.cov(feats, rowvar=False), 6, feats)
+    assert fid.read_stats(written, 4)[2] == 6
+    s, x = BlurSchedule(sigma_blur_max=2), torch.rand(3, 8, 8) * 2 - 1
+    for call, what in ((lambda: schedule_table(s, 8, 8, n=0), "n must be"), (lambda: schedule_table(s, 0, 8), "height"),
+                       (lambda: save_strip([], [], tmp_path / "e.png"), "one or more tensors"),
+                       (lambda: save_strip([torch.rand(2, 3, 8, 8)], ["a"], tmp_path / "e.png"), "each of the 2 columns"),
+                       (lambda: save_strip([torch.rand(2, 3, 8, 8)], ["a", "b"], tmp_path / "e.png", tile=0), "tile"),
+                       (lambda: save_strip([nan[:2]], ["a", "b"], tmp_path / "e.png"), "finite"),
+                       (lambda: blur_strip(x, s, [0.5], torch.randn(3, 4, 4)), "noise must be"),
+                       (lambda: blur_strip(x, s, [1.5], torch.randn(3, 8, 8)), r"ts must be in \[0, 1\]")):
+        with pytest.raises(ValueError, match=what):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.npz"]
+
+
+def test_round_twenty_four_options_that_change_nothing_and_folders_fid_would_mix(good_run, tmp_path, image_file):
+    """blur-preview and schedule-plot took --set of sections they never read (train.seed, sample.steps) and --seed
+    with --no-noise, without effect; sample --out-dir counted only NNNNNN.png as earlier samples (000099.PNG, a.jpg
+    or a subfolder joined the set bdm fid scores); a few messages said the wrong thing ("1 images", a --out equal to
+    --out-dir "inside" it, a run's metrics.jsonl folder as "a file name to write to", t = 1e-320 as 9.99989e-321)."""
+    for args in (("blur-preview", image_file, "--set", "train.seed=3"), ("blur-preview", image_file, "--set", "sample.steps=3"),
+                 ("blur-preview", image_file, "--no-noise", "--seed", 5), ("schedule-plot", "--set", "data.channels=1")):
+        msg = one_line_error(invoke(*args, "--out", tmp_path / "p.png"), 2)
+        assert "would change nothing" in msg or "give one of them" in msg, msg
+    for args in (("blur-preview", image_file, "--set", "data.channels=1", "--set", "diffusion.sigma_blur_max=3"),
+                 ("blur-preview", image_file, "--no-noise"), ("schedule-plot", "--set", "data.resolution=16")):
+        assert invoke(*args, "--out", tmp_path / "p.png").exit_code == 0
+    r = invoke("blur-preview", image_file, "--t", "1e-320,0.9999999999999999", "--out", tmp_path / "p.png")
+    assert "t = 1e-320, 0.9999999999999999" in r.output, r.output
+    for other in ("000099.PNG", "a.jpg", "sub"):
+        od = tmp_path / f"od_{other}"
+        od.mkdir()
+        (od / other).mkdir() if other == "sub" else (od / other).write_bytes(image_file.read_bytes())
+        msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--steps", 1, "--out-dir", od), 2)
+        assert "bdm fid would score with the samples" in msg
+        assert sorted(p.name for p in od.iterdir()) == [other]
+    od = tmp_path / "notes"
+    od.mkdir()
+    (od / "notes.txt").write_text("mine")
+    r = invoke("sample", "--run", good_run, "--n", 1, "--steps", 1, "--out-dir", od, "--out", tmp_path / "g.png")
+    assert r.exit_code == 0 and "Sampling 1 image from" in r.output and ", 1 step," in r.output, r.output
+    msg = one_line_error(invoke("sample", "--run", good_run, "--n", 2, "--out", tmp_path / "same", "--out-dir", tmp_path / "same"), 2)
+    assert "is --out-dir itself" in msg
+    run = _copy_run(good_run, tmp_path / "resumed")
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    assert "metrics.jsonl is a folder (bdm train writes" in one_line_error(invoke("train", "--resume", run, "--steps", 3), 2)

@@ -186,8 +186,8 @@ def precondition(net: Model, schedule: BlurSchedule, mean_u: torch.Tensor | None
 
     def model(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         basis = None if basis_u is None else basis_u.to(z_t.device)
-        check_times(t)  # the skip's schedule is periodic in t (reads t on the CPU only: no sync in a GPU step)
-        check_images(z_t, "z_t", batch=t)
+        check_images(z_t, "z_t", batch=t)  # shapes only: t's values are the sampler's or eps_loss's to check (a
+        # per-call read here would be one host read per training step)
         if z_t.shape[1:] != mean_u.shape:  # a shape, no values: broadcasting would quietly make another model
             raise ValueError(f"the preconditioner's statistics are {tuple(mean_u.shape)}, the images "
                              f"{tuple(z_t.shape[1:])}")
