@@ -103,6 +103,9 @@ def _check_contents(state: dict, path: Path) -> None:
         raise CheckpointError(f"{path} is not a valid bdm checkpoint: {bad}")
 
 
+ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # AdamW's per-parameter state (torch's _init_group needs all three)
+
+
 def check_resumable(state: dict, path: Path, params: list[torch.Tensor]) -> None:
     """What ``--resume`` needs beyond the weights: the random number generators' states and an optimizer state that
     fits ``params`` (the optimizer's parameters, in its order): per parameter, tensors of its shape and dtype (torch
@@ -119,10 +122,17 @@ def check_resumable(state: dict, path: Path, params: list[torch.Tensor]) -> None
     per_param = state["opt"].get("state")
     if not isinstance(per_param, dict) or not set(per_param) <= set(range(len(params))):
         raise CheckpointError(f"{path} cannot be resumed: its optimizer state is damaged or for another model")
+    step = state.get("step")
+    if isinstance(step, int) and step > 0 and len(per_param) < len(params):  # every parameter has moments after a step:
+        # without them Adam starts over at full lr, with no warm-up, and --resume no longer continues the run
+        raise CheckpointError(f"{path} cannot be resumed: its optimizer state holds moments for {len(per_param)} of the "
+                              f"{len(params)} parameters after {step} steps (damaged)")
     for i, moments in per_param.items():
-        if not isinstance(moments, dict) or not all(_fits(k, v, params[i]) for k, v in moments.items()):
-            raise CheckpointError(f"{path} cannot be resumed: its optimizer state is damaged (parameter {i}: each "
-                                  "moment a finite tensor of the parameter's shape and dtype, the second >= 0, step >= 0)")
+        if not isinstance(moments, dict) or not ADAM_STATE <= set(moments) or not all(
+                _fits(k, v, params[i]) for k, v in moments.items()):
+            raise CheckpointError(f"{path} cannot be resumed: its optimizer state is damaged (parameter {i}: step, "
+                                  "exp_avg and exp_avg_sq, the moments finite tensors of the parameter's shape and dtype, "
+                                  "the second >= 0, step >= 0)")
 
 
 def _fits(name: str, value, param: torch.Tensor) -> bool:

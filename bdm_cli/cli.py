@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import INTERRUPTED, UsageError, UserError, raise_if_interrupted
+from .errors import INTERRUPTED, AgreedError, UsageError, UserError, raise_if_interrupted
 from .paths import blocking_file, first_missing, not_a_folder, output_file, remove_empty_folders, user_path
 
 app = typer.Typer(
@@ -75,12 +75,16 @@ def user_errors():
         with _stopped_by_signals():
             yield
     except UserError as e:
-        _error(str(e))
+        if not (isinstance(e, AgreedError) and _rank() > 0):
+            _error(str(e))
         raise typer.Exit(e.exit_code) from None
     except OSError as e:  # the environment, not a bug: disk full, permissions, a vanished file
         _error(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
         raise typer.Exit(1) from None
     except KeyboardInterrupt as e:
+        if isinstance(e.__context__, UserError):  # a stop that came as an error was on its way out (torchrun's SIGTERM
+            _error(str(e.__context__))  # to the ranks left when one failed): the error is what happened
+            raise typer.Exit(e.__context__.exit_code) from None
         console.print("[yellow]Interrupted.[/]")
         raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT)) from None
     except Exception as e:  # the machine's limits and toolchain, not a bug: one line that says what to do
@@ -205,6 +209,13 @@ def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float
             except ConfigError as e:  # its message names --set, which the user did not give
                 raise UsageError(f"{flag}: {str(e).split(': ', 1)[-1]}") from None
     return cfg
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone; "00" is 0 too; a value that is no whole number counts as 0 here,
+    and init_distributed refuses it)."""
+    rank = os.environ.get("RANK", "").strip()
+    return int(rank) if rank.isascii() and rank.isdigit() else 0  # train.whole, without importing torch
 
 
 def _shortest(v: float) -> str:
@@ -393,7 +404,9 @@ def train_cmd(
             if preset and Path(preset).is_file() and Path(preset).resolve() == (run_dir / "config.yaml").resolve():
                 raise UsageError(f"--preset {preset} is the config.yaml that the run in {run_dir} would write: keep the "
                                  "preset outside the run directory")
-            _check_new_run_dir(run_dir)
+            from .train import check_new_run_dir
+
+            check_new_run_dir(run_dir)
         try:  # before any folder is made; on --resume the device is the run's own unless --device changes it
             resolve_device(cfg.train.device, what="train.device")
         except UserError as e:
@@ -416,8 +429,7 @@ def train_cmd(
         world = os.environ.get("WORLD_SIZE", "").strip()
         if whole(world) and int(world) > 0 and cfg.train.batch_size % int(world):  # before the start is announced
             raise UsageError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {int(world)} processes")
-        rank = os.environ.get("RANK", "").strip()
-        main = not whole(rank) or int(rank) == 0  # "00" is rank 0 too; a bad value is refused by init_distributed
+        main = _rank() == 0  # a bad RANK is refused by init_distributed
         made = first_missing(run_dir) if main else None  # rank 0 writes the run's files, and removes what it made
         # a user's empty folder: what the run writes into it is removed as well when it fails before a checkpoint
         found_empty = main and resume is None and run_dir.is_dir() and not any(run_dir.iterdir())
@@ -450,47 +462,10 @@ def train_cmd(
             raise typer.Exit(128 + signal.Signals[result["stopped_by"]].value)  # as the shell reports a signal's kill
 
 
-_RUN_FILES = {"checkpoint.pt", "config.yaml", "metrics.jsonl", "samples", "tb", ".lock"}
-# What bdm train writes inside samples/ and tb/: anything else there is a user's
-_RUN_INNER = {"samples": re.compile(r"step_\d{6}\.png|final\.png"), "tb": re.compile(r"events\.out\.tfevents\..*")}
-
-
 def _nested(a: Path, b: Path) -> bool:
     """Whether ``a`` and ``b`` are the same path or one holds the other."""
     a, b = a.resolve(), b.resolve()
     return a == b or a in b.parents or b in a.parents
-
-
-def _check_new_run_dir(run_dir: Path) -> None:
-    """A new run goes into a new or empty directory, or one where a bdm run failed before its first logged step:
-    never over a user's own files (their config.yaml, or a final.png in a samples/ folder), and never beside a
-    killed run's metrics (the two runs' lines would mix in metrics.jsonl)."""
-    from .checkpoint import CHECKPOINT
-    from .io import TEMP_SUFFIX
-
-    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-        raise UsageError(f"--out {run_dir} exists and is not a directory")
-    if (blocker := blocking_file(run_dir)) is not None:
-        raise UsageError(f"--out {run_dir}: {not_a_folder(blocker)}")
-    if (run_dir / CHECKPOINT).exists():
-        raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return
-    ours = (run_dir / "config.yaml").is_file() and _is_bdm_config(run_dir / "config.yaml")
-    foreign = [p.name for p in run_dir.iterdir()
-               if (p.name not in _RUN_FILES and not p.name.endswith(TEMP_SUFFIX)) or p.is_symlink() or not ours]
-    for sub, names in _RUN_INNER.items():
-        if (run_dir / sub).is_dir() and not (run_dir / sub).is_symlink():
-            foreign += [f"{sub}/{p.name}" for p in (run_dir / sub).iterdir()
-                        if p.is_symlink() or not (names.fullmatch(p.name) or p.name.endswith(TEMP_SUFFIX))]
-    if foreign:
-        raise UsageError(f"--out {run_dir} holds files that are not a bdm run's ({sorted(foreign)[0]!r}...); bdm train "
-                         "writes config.yaml, metrics.jsonl and samples/ there: choose a new or empty directory")
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size:
-        raise UsageError(f"--out {run_dir} holds a run stopped before its first checkpoint (its metrics.jsonl has no "
-                         "checkpoint to continue from); a new run's metrics would mix with its: remove it or choose "
-                         "another --out")
 
 
 def _check_config_file(run_dir: Path, saved) -> int | None:
@@ -581,8 +556,10 @@ def _remove_unstarted_run(run_dir: Path, made: Path | None) -> None:
     next try a "run stopped before its first checkpoint")."""
     import shutil
 
+    from .train import RUN_FILES
+
     names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
-    if names <= _RUN_FILES and "checkpoint.pt" not in names:
+    if names <= RUN_FILES and "checkpoint.pt" not in names:
         if made is None:
             for p in run_dir.iterdir():
                 if p.is_dir() and not p.is_symlink():
@@ -617,23 +594,6 @@ def _check_resume_overrides(saved, cfg) -> None:
                                      f"{before[section][key]!r}; start a new run (bdm train --out NEW_DIR) for {value!r}")
 
 
-def _is_bdm_config(path: Path) -> bool:
-    """Whether ``path`` is a config.yaml that bdm wrote (a stopped run's), not a user's own file of that name: bdm
-    writes every section and every key; a user's preset holds only differences."""
-    import yaml
-
-    from .config import Config, ConfigError, from_dict, load_yaml, to_dict
-
-    try:
-        data = load_yaml(path.read_text(encoding="utf-8"))
-        from_dict(data)
-    except (ConfigError, OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, TypeError, ValueError, AttributeError):
-        return False
-    full = to_dict(Config())
-    return (set(data) == set(full)
-            and all(isinstance(data[k], dict) and set(data[k]) == set(v) for k, v in full.items() if isinstance(v, dict)))
-
-
 MAX_PREVIEW = 2048  # blur-preview --size: a strip of 12 such tiles is already 100 MB
 # blur-preview: --t values x size^2. The peak is about 100 bytes per tile pixel (measured at --size 1024: 0.95 GB with
 # 2 values, 2.9 GB with 22), so this bound (the 11 default times at --size 2048, plus one) keeps it near 5 GB.
@@ -646,6 +606,8 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
     input's folder, no other output of the same command in it (a grid named 000001.png would replace sample 1), and
     no numbered sample already there: not under the names it would write (nothing already written is replaced), nor
     under others (a set that was partly removed, then sampled again with another seed, would mix two sets for FID)."""
+    from .data import IMAGE_SUFFIXES
+
     if out_dir is None:
         return
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
@@ -659,8 +621,6 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
         if f is not None and _nested(f, out_dir):
             where = "is --out-dir itself" if f.resolve() == out_dir.resolve() else f"is inside --out-dir {out_dir}"
             raise UsageError(f"{f} {where}, which holds only the numbered samples: write it elsewhere")
-    from .data import IMAGE_SUFFIXES
-
     entries = list(os.scandir(out_dir)) if out_dir.is_dir() else []  # one listing, not n stats
     existing = {e.name for e in entries}
     taken = sorted(name for name in existing if re.fullmatch(r"\d{6,}\.png", name)) if n else []

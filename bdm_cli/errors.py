@@ -21,6 +21,11 @@ class UserError(Exception):
     exit_code = 1
 
 
+class AgreedError(UserError):
+    """An error that every process of a torchrun group raises at once, from counters they agreed on (a non-finite
+    loss, unreadable data): rank 0 reports it, the others only exit with its code (it was printed once per rank)."""
+
+
 class UsageError(UserError):
     """A bad command-line value (exit code 2, like Click's usage errors)."""
 

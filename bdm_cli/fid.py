@@ -604,6 +604,9 @@ def check_input(source: str) -> None:
             with zipfile.ZipFile(path) as z:
                 if {"mu.npy", "sigma.npy"} <= set(z.namelist()):  # it would be read as a zip without images
                     raise UsageError(f"{shown(source)} holds FID statistics: name it .npz")
+                if any(n.endswith("/data.pkl") for n in z.namelist()):  # torch.save's format is a zip too
+                    raise UsageError(f"{shown(source)} is a torch checkpoint, not images: score a model's samples with "
+                                     f"--checkpoint {shown(source)} --ref REF")
 
 
 def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, feats: np.ndarray | None = None) -> Path:

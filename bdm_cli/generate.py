@@ -65,7 +65,7 @@ def load_run(path: Path, *, ema: bool = True, device: str = "auto") -> Run:
     key = "ema" if ema else "model"
     if key not in state:
         raise CheckpointError(f"{path} has no {key!r} weights")
-    load_weights(model, state[key])
+    load_weights(model, state[key], key)
     check_data_stats(state.get("data_stats"), cfg, path)
     stats = {k: v.to(dev) for k, v in state.get("data_stats", {}).items()} or None
     if cfg.model.precondition and not stats:

@@ -86,8 +86,9 @@ def denoiser(net, cfg: Config, stats: dict | None):
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # weights that load into a float32 model
 
 
-def load_weights(model: torch.nn.Module, state: dict) -> None:
-    """load_state_dict with a one-line message naming the first mismatch (another config's checkpoint)."""
+def load_weights(model: torch.nn.Module, state: dict, which: str = "model", use: str = "sample") -> None:
+    """load_state_dict with a one-line message naming the first mismatch (another config's checkpoint); ``which``
+    weights of the checkpoint (``model``: the training weights, ``ema``), loaded to ``use`` them (sample, resume)."""
     own = model.state_dict()
     for key, value in state.items():
         if key not in own:
@@ -105,7 +106,9 @@ def load_weights(model: torch.nn.Module, state: dict) -> None:
         raise UserError(f"checkpoint does not fit this model: weight {missing[0]!r} is missing (another config?)")
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
-        raise UserError(f"the checkpoint's weights are not finite (NaN or inf in {broken[0]!r}): it cannot sample anything")
+        kind = "training weights ('model')" if which == "model" else f"{which!r} weights"
+        raise UserError(f"the checkpoint's {kind} are not finite (NaN or inf in {broken[0]!r}): it cannot {use} from them"
+                        + (" (sampling uses the EMA weights, unless --no-ema)" if which == "model" and use == "resume" else ""))
     model.load_state_dict(state)
 
 

@@ -30,12 +30,13 @@ from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, check_res
 from .config import Config, to_dict
 from .data import collate_valid, dataset_fingerprint, make_dataset
 from .engine import dct2, eps_loss, sample
-from .errors import UserError, raise_if_interrupted
-from .io import atomic_write, make_grid, remove_stale_temps, save_image
+from .errors import AgreedError, UsageError, UserError, raise_if_interrupted
+from .io import TEMP_SUFFIX, atomic_write, make_grid, remove_stale_temps, save_image
+from .paths import blocking_file, not_a_folder
 from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device, seed_of
 from .unet import build_model
 
-__all__ = ["lr_at", "ema_update", "nonfinite", "make_optimizer", "train_step", "train", "preview_grid", "StepBatches", "Dist", "data_stats"]
+__all__ = ["lr_at", "ema_update", "nonfinite", "make_optimizer", "train_step", "train", "preview_grid", "StepBatches", "Dist", "data_stats", "check_new_run_dir"]
 
 
 
@@ -294,12 +295,67 @@ def _every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
 
 
+RUN_FILES = {"checkpoint.pt", "config.yaml", "metrics.jsonl", "samples", "tb", ".lock"}
+# What bdm train writes inside samples/ and tb/: anything else there is a user's
+RUN_INNER = {"samples": re.compile(r"step_\d{6}\.png|final\.png"), "tb": re.compile(r"events\.out\.tfevents\..*")}
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run goes into a new or empty directory, or one where a bdm run failed before its first logged step:
+    never over a user's own files (their config.yaml, or a final.png in a samples/ folder), and never beside a
+    killed run's metrics (the two runs' lines would mix in metrics.jsonl). bdm train checks it before it starts, and
+    :func:`train` for a new run (a library caller's too)."""
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise UsageError(f"--out {run_dir} exists and is not a directory")
+    if (blocker := blocking_file(run_dir)) is not None:
+        raise UsageError(f"--out {run_dir}: {not_a_folder(blocker)}")
+    if (run_dir / CHECKPOINT).exists():
+        raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    ours = (run_dir / "config.yaml").is_file() and is_bdm_config(run_dir / "config.yaml")
+    foreign = [p.name for p in run_dir.iterdir()
+               if (p.name not in RUN_FILES and not p.name.endswith(TEMP_SUFFIX)) or p.is_symlink() or not ours]
+    for sub, names in RUN_INNER.items():
+        if (run_dir / sub).is_dir() and not (run_dir / sub).is_symlink():
+            foreign += [f"{sub}/{p.name}" for p in (run_dir / sub).iterdir()
+                        if p.is_symlink() or not (names.fullmatch(p.name) or p.name.endswith(TEMP_SUFFIX))]
+    if foreign:
+        raise UsageError(f"--out {run_dir} holds files that are not a bdm run's ({sorted(foreign)[0]!r}...); bdm train "
+                         "writes config.yaml, metrics.jsonl and samples/ there: choose a new or empty directory")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        raise UsageError(f"--out {run_dir} holds a run stopped before its first checkpoint (its metrics.jsonl has no "
+                         "checkpoint to continue from); a new run's metrics would mix with its: remove it or choose "
+                         "another --out")
+
+
+def is_bdm_config(path: Path) -> bool:
+    """Whether ``path`` is a config.yaml that bdm wrote (a stopped run's), not a user's own file of that name: bdm
+    writes every section and every key; a user's preset holds only differences."""
+    import yaml
+
+    from .config import ConfigError, from_dict, load_yaml
+
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+        from_dict(data)
+    except (ConfigError, OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, TypeError, ValueError, AttributeError):
+        return False
+    full = to_dict(Config())
+    return (set(data) == set(full)
+            and all(isinstance(data[k], dict) and set(data[k]) == set(v) for k, v in full.items() if isinstance(v, dict)))
+
+
 def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
     """Train ``cfg`` into ``run_dir`` (``checkpoint.pt``, ``config.yaml``, ``metrics.jsonl``, ``samples/``).
 
     ``progress`` is called on rank 0 after every step with ``{step, steps, loss, images_per_s}``.
     Returns ``{step, loss, interrupted, device, world, model, ema}`` (the last two: the trained modules).
     """
+    if not isinstance(run_dir, (str, os.PathLike)):  # None or 5 failed inside pathlib
+        raise TypeError(f"run_dir must be a path (str or os.PathLike), got {type(run_dir).__name__}")
+    run_dir = Path(run_dir)
     ddp = init_distributed(cfg.train.device)
     try:
         return _train(cfg, run_dir, ddp, resume, progress)
@@ -343,6 +399,8 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
     cuda, run_dir = device.type == "cuda", Path(run_dir)
     if tc.batch_size % ddp.world:
         raise UserError(f"train.batch_size {tc.batch_size} must be divisible by the {ddp.world} processes")
+    if ddp.main and not resume:  # a library caller's too: a new run never replaces a checkpoint or joins a user's files
+        check_new_run_dir(run_dir)
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = build_model(cfg).to(device)
     if ddp.rank == 0 and (unused := sorted(set(cfg.model.attn_resolutions) - set(model.resolutions))):
@@ -358,7 +416,8 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
         state = load_checkpoint(run_dir / CHECKPOINT)
         check_resumable(state, run_dir / CHECKPOINT, [p for group in opt.param_groups for p in group["params"]])
         check_data_stats(state.get("data_stats"), cfg, run_dir / CHECKPOINT)
-        load_weights(model, state["model"]), load_weights(ema, state.get("ema", state["model"]))
+        load_weights(model, state["model"], "model", "resume")
+        load_weights(ema, state.get("ema", state["model"]), "ema" if "ema" in state else "model", "resume")
         step, rng = int(state["step"]), state["rng"]
         try:
             # the moments are the run's; the settings (weight decay, betas, eps, fused) are this config's: a resume
@@ -456,13 +515,13 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
         unread, tried = read.tolist()
         skipped_images = int(unread)
         if tried >= 4 * tc.batch_size and unread > tried / 2:
-            raise UserError(f"{unread:.0f} of the {tried:.0f} images read since step {start_step} could not be decoded "
+            raise AgreedError(f"{unread:.0f} of the {tried:.0f} images read since step {start_step} could not be decoded "
                             f"(the dataset changed or is damaged; see the warnings); stopped, {kept()}")
         (nonfinite_steps, unread_steps), first = (int(v) for v in skipped.tolist()), int(first_skipped.item())
         skipped_batches += nonfinite_steps + unread_steps
         skipped.zero_()
         if nonfinite_steps and not tc.skip_nonfinite:
-            raise UserError(f"the loss is not finite at step {first + 1} (its update was not applied); stopped, {kept()} "
+            raise AgreedError(f"the loss is not finite at step {first + 1} (its update was not applied); stopped, {kept()} "
                             "(--set train.skip_nonfinite=true skips such batches)")
 
     def log_window() -> None:

@@ -2609,3 +2609,54 @@ def test_round_twenty_four_options_that_change_nothing_and_folders_fid_would_mix
     (run / "metrics.jsonl").unlink()
     (run / "metrics.jsonl").mkdir()
     assert "metrics.jsonl is a folder (bdm train writes" in one_line_error(invoke("train", "--resume", run, "--steps", 3), 2)
+
+
+def test_round_twenty_five(good_run, tmp_path, monkeypatch, capsys):
+    """An optimizer state missing a moment gave torch's KeyError on --resume, and an empty or partial one restarted
+    Adam silently; NaN training weights beside good EMA weights were said to sample nothing; a checkpoint given to fid
+    was "no images"; the library's train() replaced a checkpoint and wrote among a user's files; an agreed stop
+    (unreadable data, a non-finite loss) printed its Error line once per rank."""
+    import typer
+
+    from bdm_cli.cli import user_errors
+    from bdm_cli.config import load_config
+    from bdm_cli.errors import AgreedError
+    from bdm_cli.train import train
+
+    def edited(name, change):
+        run = _copy_run(good_run, tmp_path / name)
+        state = torch.load(run / "checkpoint.pt", weights_only=True)
+        change(state)
+        torch.save(state, run / "checkpoint.pt")
+        return run
+
+    for name, change, what in (
+            ("no_moment", lambda s: s["opt"].update(state={i: {"step": v["step"]} for i, v in s["opt"]["state"].items()}),
+             "optimizer state is damaged"),
+            ("no_sq", lambda s: [v.pop("exp_avg_sq") for v in s["opt"]["state"].values()], "optimizer state is damaged"),
+            ("empty", lambda s: s["opt"].update(state={}), "moments for 0 of the"),
+            ("partial", lambda s: s["opt"].update(state={0: s["opt"]["state"][0]}), "moments for 1 of the"),
+            ("nan_model", lambda s: next(iter(s["model"].values())).fill_(float("nan")), "training weights ('model')")):
+        msg = one_line_error(invoke("train", "--resume", edited(name, change), "--steps", 3))
+        assert what in msg, msg
+    assert "cannot resume from them (sampling uses the EMA weights" in msg
+    assert invoke("sample", "--run", tmp_path / "nan_model", "--n", 2, "--steps", 1, "--out", tmp_path / "g.png").exit_code == 0
+    msg = one_line_error(invoke("fid", good_run / "checkpoint.pt", "digits", "--dims", 64), 2)
+    assert "is a torch checkpoint, not images" in msg
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    (mine / "checkpoint.pt").write_text("x")
+    for folder, what in ((mine, "already holds a run"), (good_run.parent, "not a bdm run's")):
+        before = _snapshot(folder)
+        with pytest.raises(Exception, match=what):
+            train(load_config("tiny", ["train.steps=1"]), folder)
+        assert _snapshot(folder) == before
+    with pytest.raises(TypeError, match="run_dir must be a path"):
+        train(load_config("tiny"), None)
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(typer.Exit) as e:
+            with user_errors():
+                raise AgreedError("the loss is not finite at step 3")
+        assert e.value.exit_code == 1 and ("the loss is not finite" in capsys.readouterr().err) == shown

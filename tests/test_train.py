@@ -156,11 +156,11 @@ def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
         "assert r['world'] == 2\n"
         "assert not torch.distributed.is_initialized()  # ended: a live gloo group aborted 1 exit in 10\n"
     )
-    proc = _torchrun_two(script, tmp_path)
+    proc = _torchrun_two(script, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    w0, w1 = torch.load(tmp_path / "run" / "rank0.pt"), torch.load(tmp_path / "run" / "rank1.pt")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    single = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    single = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert single["step"] == 4 and len(single["rng"]["gen"]) == 2
 
 
@@ -185,10 +185,10 @@ def test_ddp_a_signal_to_one_process_stops_all_with_a_checkpoint(tmp_path):
         "assert r['interrupted'] and r['stopped_by'] == 'SIGTERM', r\n"
         "print('stopped at', r['step'])\n"
     )
-    proc = _torchrun_two(script, tmp_path)
+    proc = _torchrun_two(script, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(f"stopped at {STOP_EVERY}") == 2, proc.stdout
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == STOP_EVERY
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == STOP_EVERY
 
 
 def test_ddp_a_rank_that_reads_nothing_of_its_share_stays_in_step(tmp_path):
@@ -217,12 +217,12 @@ def test_ddp_a_rank_that_reads_nothing_of_its_share_stays_in_step(tmp_path):
         "torch.save(r['model'].state_dict(), os.path.join(sys.argv[1], f\"rank{os.environ['RANK']}.pt\"))\n"
         "print('done', r['step'], r['skipped_batches'], r['skipped_images'])\n"
     )
-    proc = _torchrun_two(script, tmp_path)
+    proc = _torchrun_two(script, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done 6 2 4") == 2, proc.stdout  # both ranks count the two steps, and rank 1's 4 images
-    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    w0, w1 = torch.load(tmp_path / "run" / "rank0.pt"), torch.load(tmp_path / "run" / "rank1.pt")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["skipped_batches"] == 2 and logged[-1]["skipped_images"] == 4
 
 
@@ -239,7 +239,8 @@ def test_peer_lost_is_a_collective_failure_not_this_ranks_own():
 @pytest.mark.parametrize("how", ["error", "signal"])
 def test_ddp_a_rank_that_stops_in_start_up_ends_the_others_with_one_line(tmp_path, how):
     """Rank 1 failing (its own error) or stopped by a signal sent to it alone, before the first step: rank 0's first
-    collective failed with a gloo traceback. Launched by hand (no torchrun agent to kill rank 0 first)."""
+    collective failed with a gloo traceback. Launched by hand (no torchrun agent to kill rank 0 first); torchrun's
+    SIGTERM, which came as rank 0's error was on its way out, made it print only "Interrupted.", sent here by hand."""
     stop = "raise UserError('rank one cannot go on')" if how == "error" else "os.kill(os.getpid(), signal.SIGTERM)"
     script = tmp_path / "startup.py"
     script.write_text(
@@ -252,6 +253,11 @@ def test_ddp_a_rank_that_stops_in_start_up_ends_the_others_with_one_line(tmp_pat
         f"        {stop}\n"
         "    return real(*a, **k)\n"
         "T.data_stats = stats\n"
+        "end = T.dist.destroy_process_group\n"
+        "def destroy():  # torchrun's SIGTERM to the ranks left, as rank 0's error is on its way out\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    end()\n"
+        "T.dist.destroy_process_group = destroy\n"
         "from bdm_cli.cli import run\n"
         "sys.argv = ['bdm', 'train', '--preset', 'tiny', '--out', sys.argv[1], '--set', 'train.device=cpu']\n"
         "run()\n"
