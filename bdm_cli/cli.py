@@ -211,6 +211,15 @@ def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float
     return cfg
 
 
+def _one_process(command: str) -> None:
+    """Sampling and scoring run in one process: under torchrun every rank did all the work into the same files, and
+    the rank that found the other's file there failed."""
+    world = os.environ.get("WORLD_SIZE", "").strip()
+    if world.isascii() and world.isdigit() and int(world) > 1:
+        raise UsageError(f"bdm {command} runs in one process (WORLD_SIZE={world}): launch it without torchrun; "
+                         "bdm train is the command that uses several")
+
+
 def _rank() -> int:
     """This process's rank under torchrun (0 alone; "00" is 0 too; a value that is no whole number counts as 0 here,
     and init_distributed refuses it)."""
@@ -710,6 +719,7 @@ def sample_cmd(
     from .io import check_outputs, make_grid, save_image
 
     with user_errors():
+        _one_process("sample")
         _check_sampling(n, steps, sampler, grid, batch_size)
         grid_path = out_path or (None if out_dir else Path("grid.png"))
         ckpt = find_checkpoint(run, checkpoint)
@@ -785,6 +795,7 @@ def fid_cmd(
     from .runtime import resolve_device
 
     with user_errors():
+        _one_process("fid")
         dev = resolve_device(device)
         if not 0 < batch_size <= MAX_BATCH:
             raise UsageError(f"--batch-size must be in 1..{MAX_BATCH}, got {batch_size}")

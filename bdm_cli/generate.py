@@ -57,7 +57,15 @@ def find_checkpoint(run: Path | None, checkpoint: Path | None) -> Path:
     return found[-1]
 
 
+def _check_flags(**flags) -> None:
+    """True or False, not any truthy value ("no" and "False" are truthy: ema="no" loaded the EMA weights)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def load_run(path: Path, *, ema: bool = True, device: str = "auto") -> Run:
+    _check_flags(ema=ema)
     state = load_checkpoint(path)
     cfg = checkpoint_config(state, path)
     dev = resolve_device(device)
@@ -89,6 +97,7 @@ def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, st
     ``callback(first_index, step)`` is called after every sampler step. ``steps``, ``sampler`` and ``grid`` left
     None are the run's own (``sample`` section of its config).
     """
+    _check_flags(bf16=bf16, clamp=clamp, compile=compile)
     check_whole(n, "n", 0)  # n = 0: no batch
     check_whole(batch_size, "batch_size", 1)
     check_whole(seed, "seed", 0, 2**63 - 1)  # as --seed

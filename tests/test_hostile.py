@@ -2660,3 +2660,19 @@ def test_round_twenty_five(good_run, tmp_path, monkeypatch, capsys):
             with user_errors():
                 raise AgreedError("the loss is not finite at step 3")
         assert e.value.exit_code == 1 and ("the loss is not finite" in capsys.readouterr().err) == shown
+
+
+def test_round_twenty_six(good_run, monkeypatch):
+    """load_run(ema="no") loaded the EMA weights and sample_batches(clamp="False") clamped: flags take True or False
+    only; bdm sample under torchrun did all the work on every rank into the same files, and one rank then failed."""
+    from bdm_cli.generate import load_run, sample_batches
+
+    with pytest.raises(TypeError, match="ema must be True or False"):
+        load_run(good_run / "checkpoint.pt", ema="no", device="cpu")
+    r = load_run(good_run / "checkpoint.pt", device="cpu")
+    for flag in ("clamp", "bf16", "compile"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+            next(sample_batches(r, 1, steps=1, **{flag: "False"}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for args in (("sample", "--run", good_run, "--n", 2), ("fid", "digits", "digits")):
+        assert "runs in one process (WORLD_SIZE=2)" in one_line_error(invoke(*args), 2)
