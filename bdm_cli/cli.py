@@ -214,17 +214,20 @@ def _diffusion_config(preset: str, sets: list[str] | None, sigma_blur_max: float
 def _one_process(command: str) -> None:
     """Sampling and scoring run in one process: under torchrun every rank did all the work into the same files, and
     the rank that found the other's file there failed."""
-    world = os.environ.get("WORLD_SIZE", "").strip()
-    if world.isascii() and world.isdigit() and int(world) > 1:
+    if (world := _torchrun_number("WORLD_SIZE")) > 1:
         raise UsageError(f"bdm {command} runs in one process (WORLD_SIZE={world}): launch it without torchrun; "
                          "bdm train is the command that uses several")
 
 
+def _torchrun_number(name: str) -> int:
+    """A torchrun variable (RANK, WORLD_SIZE) as a number: 0 where it is unset or no whole number ("00" is 0 too;
+    init_distributed refuses a bad value). train.whole's rule, without importing torch."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isascii() and value.isdigit() else 0
+
+
 def _rank() -> int:
-    """This process's rank under torchrun (0 alone; "00" is 0 too; a value that is no whole number counts as 0 here,
-    and init_distributed refuses it)."""
-    rank = os.environ.get("RANK", "").strip()
-    return int(rank) if rank.isascii() and rank.isdigit() else 0  # train.whole, without importing torch
+    return _torchrun_number("RANK")
 
 
 def _shortest(v: float) -> str:
@@ -363,7 +366,7 @@ def train_cmd(
     from .data import dataset_source
     from .io import check_writable
     from .runtime import resolve_device
-    from .train import RunLocked, train, whole
+    from .train import RunLocked, train
 
     options = {"data.dataset": ("--data", data), "train.steps": ("--steps", steps),
                "train.batch_size": ("--batch-size", batch_size), "train.device": ("--device", device),
@@ -435,9 +438,9 @@ def train_cmd(
                      f"{os.path.abspath(source)} (pass --data to choose another)")
             # stored whole: a resume from another folder reads the same data, never another folder of that name
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=os.path.abspath(source)))
-        world = os.environ.get("WORLD_SIZE", "").strip()
-        if whole(world) and int(world) > 0 and cfg.train.batch_size % int(world):  # before the start is announced
-            raise UsageError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {int(world)} processes")
+        world = _torchrun_number("WORLD_SIZE")
+        if world > 0 and cfg.train.batch_size % world:  # before the start is announced
+            raise UsageError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {world} processes")
         main = _rank() == 0  # a bad RANK is refused by init_distributed
         made = first_missing(run_dir) if main else None  # rank 0 writes the run's files, and removes what it made
         # a user's empty folder: what the run writes into it is removed as well when it fails before a checkpoint

@@ -144,6 +144,12 @@ def _torchrun_two(script, run_dir) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _same_weights_on_both_ranks(run_dir) -> None:
+    """The rank{0,1}.pt that a _torchrun_two script saved hold the same weights."""
+    w0, w1 = torch.load(run_dir / "rank0.pt"), torch.load(run_dir / "rank1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
 def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(
@@ -158,8 +164,7 @@ def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
     )
     proc = _torchrun_two(script, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    w0, w1 = torch.load(tmp_path / "run" / "rank0.pt"), torch.load(tmp_path / "run" / "rank1.pt")
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    _same_weights_on_both_ranks(tmp_path / "run")
     single = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert single["step"] == 4 and len(single["rng"]["gen"]) == 2
 
@@ -220,8 +225,7 @@ def test_ddp_a_rank_that_reads_nothing_of_its_share_stays_in_step(tmp_path):
     proc = _torchrun_two(script, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done 6 2 4") == 2, proc.stdout  # both ranks count the two steps, and rank 1's 4 images
-    w0, w1 = torch.load(tmp_path / "run" / "rank0.pt"), torch.load(tmp_path / "run" / "rank1.pt")
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    _same_weights_on_both_ranks(tmp_path / "run")
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["skipped_batches"] == 2 and logged[-1]["skipped_images"] == 4
 
