@@ -7,6 +7,7 @@ DistributedDataParallel under torchrun, atomic checkpoints and exact resume.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -224,12 +225,18 @@ class _Stop:
     def __init__(self):
         self.requested: str | None = None  # the signal's name
         self._at = 0.0  # when it came
+        self.handled_at = 0.0  # when this handler last ran (a rank stuck in a collective runs none: _Unanswered)
+        self.beat_at = time.monotonic()  # when the loop last ended a step
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS} if _main_thread() else {}
         return self
 
+    def beat(self) -> None:
+        self.beat_at = time.monotonic()
+
     def _handle(self, signum, _frame):
+        self.handled_at = time.monotonic()
         # A second Ctrl-C is a person's, a second or more later; one within a second is the first's echo: under
         # torchrun the terminal's SIGINT reaches each rank and torchrun forwards it again (the ranks then died
         # without a checkpoint, 5 tries in 6)
@@ -241,6 +248,72 @@ class _Stop:
     def __exit__(self, *exc):
         for s, old in self._old.items():
             signal.signal(s, old)
+
+
+NOTE_AFTER = 10.0  # seconds a stop may wait for a step before the waiting rank says why
+HANDLER_WAIT = 3.0  # seconds a second signal may wait for Python's handler before the rank ends without it
+
+
+class _Unanswered:
+    """A stop under torchrun that a process which does not answer (stopped with Ctrl-Z or SIGSTOP, stuck on a file
+    system) would hold for 30 minutes: the other ranks wait for it inside a collective, in C++, where Python's
+    signal handlers (:class:`_Stop`) cannot run until gloo's timeout. Each signal's number still reaches this thread
+    at once (``signal.set_wakeup_fd``). A stop that waits ``NOTE_AFTER`` s for a step says so, once; a second signal
+    (a second or more after the first, as for Ctrl-C) that the handler has not taken ``HANDLER_WAIT`` s later ends
+    the rank at once (``os._exit``: as after a kill, its files are whole, written atomically, and its last
+    checkpoint is kept), with one line."""
+
+    def __init__(self, stop: _Stop, rank: int, kept: Callable[[], str]):
+        self.stop, self.rank, self.kept = stop, rank, kept
+
+    def __enter__(self):
+        self._pipe = os.pipe() if _main_thread() else None
+        if self._pipe:
+            os.set_blocking(self._pipe[1], False)  # the C handler must never block on a full pipe
+            self._old = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+            self._thread = threading.Thread(target=self._watch, name="bdm-unanswered", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._pipe:
+            signal.set_wakeup_fd(self._old)
+            os.close(self._pipe[1])  # the watcher reads the end of the pipe and returns
+            self._thread.join(5)
+            os.close(self._pipe[0])
+
+    def _watch(self) -> None:
+        import select
+
+        stops = {s.value for s in STOP_SIGNALS}
+        first, told = None, False  # when the first stop signal came; whether the note was printed
+        while True:
+            if select.select([self._pipe[0]], [], [], 0.5)[0]:
+                came = os.read(self._pipe[0], 64)
+                if not came:
+                    return
+                for signum in (s for s in came if s in stops):
+                    now = time.monotonic()
+                    if first is None:
+                        first = now
+                    elif now - first > SECOND_CTRL_C_AFTER:  # a second signal: taken at once if the handler can
+                        time.sleep(HANDLER_WAIT)
+                        if self.stop.handled_at < now:
+                            self._say(f"Error: stopped by a second {signal.Signals(signum).name} inside a step, waiting "
+                                      f"for another process of this run that does not answer; {self.kept()}")
+                            os._exit(128 + signum)
+            if first is not None and not told and time.monotonic() - max(first, self.stop.beat_at) > NOTE_AFTER:
+                told = True
+                self._say(f"Stopping: rank {self.rank} waits for the step all processes of this run take together (a "
+                          "process stopped with Ctrl-Z or stuck on a file system holds the others there); the same "
+                          f"signal again stops this one at once; {self.kept()}")
+
+    @staticmethod
+    def _say(line: str) -> None:
+        try:  # to the descriptor: the main thread may hold the console's lock (rich's live display)
+            os.write(2, (line + "\n").encode("utf-8", "replace"))
+        except OSError:  # no standard error
+            pass
 
 
 def _main_thread() -> bool:
@@ -361,8 +434,10 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
         return _train(cfg, run_dir, ddp, resume, progress)
     except RuntimeError as e:
         if ddp.distributed and peer_lost(e):  # the other rank's own error or stop is its message; this one's is this
-            raise UserError(f"another process of this run stopped or failed (its own message says why), so this one "
-                            f"stops too; {_what_is_kept(run_dir)} (torch: {_first_line(e)})") from None
+            why = ("did not answer in time (stopped with Ctrl-Z or SIGSTOP, or stuck)" if re.search(r"timed out", str(e), re.I)
+                   else "stopped or failed (its own message says why)")  # gloo's timeout, 30 minutes by default
+            raise UserError(f"another process of this run {why}, so this one stops too; {_what_is_kept(run_dir)} "
+                            f"(torch: {_first_line(e)})") from None
         raise
     finally:
         if ddp.owns_group:  # ended here, once the loop's DistributedDataParallel (which holds the group) is gone: a group
@@ -554,7 +629,7 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
         return signal.Signals(int(signum)).name if int(signum) else None
 
     raise_if_interrupted()  # a Ctrl-C lost during start-up stops before the first step, as it was meant to
-    with _Stop() as stop:
+    with _Stop() as stop, (_Unanswered(stop, ddp.rank, kept) if ddp.distributed else contextlib.nullcontext()):
         for x in loader:
             unread_here += tc.batch_size // ddp.world - len(x)  # undecodable files (warned by the dataset)
             unread = len(x) == 0  # no image of this rank's share could be read: a stand-in of its shape takes the
@@ -586,6 +661,8 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
                 checkpoint()
             if stopped_by := agreed_stop(stop.requested):
                 break
+            stop.beat()
+        stop.beat()
         # still under _Stop: a signal now waits for the last checkpoint (a Ctrl-C here raised inside a rank's final
         # all_gather, and a new run without an earlier checkpoint lost its folder)
         if step > tick_step:  # stopped between log steps: its last steps are logged too

@@ -279,6 +279,87 @@ def test_ddp_a_rank_that_stops_in_start_up_ends_the_others_with_one_line(tmp_pat
     assert not run_dir.exists()  # a new run that never reached a checkpoint leaves no folder
 
 
+def test_a_rank_that_does_not_answer_in_gloos_time_is_named_so(tmp_path):
+    """gloo's timeout (30 minutes; 2 s here) for a rank that hangs: the waiting rank said the other "stopped or
+    failed (its own message says why)", and that one had no message."""
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import datetime, os, sys, time\n"
+        "import bdm_cli.train as T\n"
+        "join = T.dist.init_process_group\n"
+        "T.dist.init_process_group = lambda backend: join(backend, timeout=datetime.timedelta(seconds=2))\n"
+        "real = T.data_stats\n"
+        "def stats(*a, **k):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        time.sleep(8)  # a rank stuck on a file system\n"
+        "    return real(*a, **k)\n"
+        "T.data_stats = stats\n"
+        "from bdm_cli.cli import run\n"
+        "sys.argv = ['bdm', 'train', '--preset', 'tiny', '--out', sys.argv[1], '--set', 'train.device=cpu']\n"
+        "run()\n"
+    )
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], env={**env, "RANK": r, "LOCAL_RANK": r},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ("0", "1")]
+    (_, err0), (_, err1) = (p.communicate(timeout=300) for p in procs)
+    assert procs[0].returncode == 1 and "Error: another process of this run did not answer in time" in err0, err0
+    assert "Timed out" in err0 and "Traceback" not in err0 + err1, err0 + err1
+
+
+def test_a_rank_waiting_for_a_frozen_one_stops_on_a_second_signal(tmp_path):
+    """Rank 1 frozen (SIGSTOP: Ctrl-Z, a hung file system) held rank 0 inside a collective, deaf to its signals, for
+    gloo's 30 minutes. Rank 0 now says why its stop waits, and a second signal ends it at once with one line, its
+    checkpoint whole; rank 1, resumed, stops with its own line."""
+    import signal
+    import time
+
+    script = tmp_path / "frozen.py"
+    script.write_text(
+        "import sys\n"
+        "import bdm_cli.train as T\n"
+        "T.NOTE_AFTER = 1.0\n"
+        "from bdm_cli.cli import run\n"
+        "sys.argv = ['bdm', 'train', '--preset', 'tiny', '--out', sys.argv[1], '--steps', '100000', '--set', 'train.device=cpu',\n"
+        "            '--set', 'train.checkpoint_every=2', '--set', 'train.sample_every=0']\n"
+        "run()\n"
+    )
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "PYTHONPATH": str(ROOT)}
+    run_dir = tmp_path / "run"
+    logs = [tmp_path / f"rank{r}.txt" for r in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(run_dir)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=open(logs[r], "w")) for r in (0, 1)]
+
+    def wait_for(condition, seconds):
+        end = time.monotonic() + seconds
+        while not condition() and time.monotonic() < end:
+            time.sleep(0.2)
+        return condition()
+
+    try:
+        assert wait_for(lambda: (run_dir / "checkpoint.pt").is_file(), 240), logs[0].read_text()
+        procs[1].send_signal(signal.SIGSTOP)
+        time.sleep(1.0)
+        procs[0].send_signal(signal.SIGTERM)
+        assert wait_for(lambda: "Stopping: rank 0 waits" in logs[0].read_text(), 30), logs[0].read_text()
+        assert procs[0].poll() is None  # a stop waits for a step of all processes: one signal alone does not end it
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=30) == 128 + signal.SIGTERM
+        procs[1].send_signal(signal.SIGCONT)
+        assert procs[1].wait(timeout=120) == 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    err0, err1 = (log.read_text() for log in logs)
+    assert "Error: stopped by a second SIGTERM inside a step, waiting for another process of this run" in err0, err0
+    assert "Error: another process of this run stopped or failed" in err1, err1
+    assert "Traceback" not in err0 + err1, err0 + err1
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] % 2 == 0
+
+
 def test_a_signal_during_the_last_checkpoint_waits_for_it(tmp_path):
     """A Ctrl-C after the loop (in the final log, settle or checkpoint) raised inside them: under torchrun inside a
     rank's all_gather, and a new run without an earlier checkpoint lost its folder. It now waits for the checkpoint."""
