@@ -10,7 +10,7 @@ import torch
 
 from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, checkpoint_config, load_checkpoint
 from .config import Config
-from .engine import Step, sample
+from .engine import NonFiniteOutput, Step, sample
 from .engine.checks import check_whole
 from .errors import UsageError, UserError, raise_if_interrupted
 from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device, seed_of
@@ -112,12 +112,15 @@ def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, st
         idx = range(start, min(n, start + batch_size))
         gens = sample_generators(seed, idx, run.device)
         noise = torch.stack([torch.randn(shape, generator=g, device=run.device) for g in gens])
-        x = sample(eps, noise, schedule, cfg.sample.steps if steps is None else steps,
-                   sampler=cfg.sample.sampler if sampler is None else sampler,
-                   grid=(cfg.sample.grid or None) if grid is None else grid, generator=gens,
-                   callback=(lambda st, s0=start: callback(s0, st)) if callback else None,
-                   denoised_range=denoised_range(run.stats))
-        if not torch.isfinite(x).all():  # one check per batch; clamped, NaN would pass as black images
+        try:
+            x = sample(eps, noise, schedule, cfg.sample.steps if steps is None else steps,
+                       sampler=cfg.sample.sampler if sampler is None else sampler,
+                       grid=(cfg.sample.grid or None) if grid is None else grid, generator=gens,
+                       callback=(lambda st, s0=start: callback(s0, st)) if callback else None,
+                       denoised_range=denoised_range(run.stats))
+        except NonFiniteOutput:  # the network's own output overflowed (clamped, it would pass as images)
+            x = None
+        if x is None or not torch.isfinite(x).all():  # one check per batch; clamped, NaN would pass as black images
             raise UserError(f"the model's samples are not finite (NaN or inf) from sample {start} on: its weights "
                             "are broken (a diverged training?); nothing is written for them")
         yield (x.float().clamp(-1, 1) if clamp else x.float()).cpu()

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, check_resumable, load_checkpoint, save_checkpoint, write_config
 from .config import Config, to_dict
 from .data import collate_valid, dataset_fingerprint, make_dataset
-from .engine import dct2, eps_loss, sample
+from .engine import NonFiniteOutput, dct2, eps_loss, sample
 from .errors import AgreedError, UsageError, UserError, raise_if_interrupted
 from .io import TEMP_SUFFIX, atomic_write, make_grid, remove_stale_temps, save_image
 from .paths import blocking_file, not_a_folder
@@ -353,8 +353,12 @@ def preview_grid(ema, cfg: Config, device: torch.device, n: int, seed: int = 0, 
     """An EMA sample grid with the engine's sampler at ``sample.preview_steps`` (same noise every time)."""
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(n, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, generator=g, device=device)
-    x = sample(denoiser(ema, cfg, stats), noise, cfg.diffusion, cfg.sample.preview_steps,
-               sampler=cfg.sample.sampler, grid=cfg.sample.grid or None, generator=g, denoised_range=denoised_range(stats))
+    try:
+        x = sample(denoiser(ema, cfg, stats), noise, cfg.diffusion, cfg.sample.preview_steps,
+                   sampler=cfg.sample.sampler, grid=cfg.sample.grid or None, generator=g, denoised_range=denoised_range(stats))
+    except NonFiniteOutput as e:
+        raise UserError(f"the EMA weights' preview samples are not finite ({e}): the model is broken (its output "
+                        "overflows); stopped, and the last checkpoint is kept") from None
     return make_grid(x.clamp(-1, 1).float().cpu())
 
 

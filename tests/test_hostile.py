@@ -2676,3 +2676,26 @@ def test_round_twenty_six(good_run, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for args in (("sample", "--run", good_run, "--n", 2), ("fid", "digits", "digits")):
         assert "runs in one process (WORLD_SIZE=2)" in one_line_error(invoke(*args), 2)
+
+
+def test_round_twenty_seven(good_run, tmp_path):
+    """A model whose output overflows (finite weights, near float32's largest) gave finite, plausible-looking garbage:
+    the per-frequency clamp made its infinite x prediction the data's bounds, and bdm sample wrote the images."""
+    from bdm_cli.engine import BlurSchedule, NonFiniteOutput, sample
+
+    noise = torch.randn(3, 1, 8, 8)
+    bounds = (-5 * torch.ones(1, 8, 8), 5 * torch.ones(1, 8, 8))
+
+    def overflows(z, t):
+        return torch.where(torch.arange(3).view(3, 1, 1, 1) == 1, torch.inf, torch.zeros_like(z))
+
+    with pytest.raises(NonFiniteOutput, match="NaN or inf for 1 of the 3 samples"):
+        sample(overflows, noise, BlurSchedule(sigma_blur_max=2.0), 3, sampler="ddim", denoised_range=bounds)
+    run = _copy_run(good_run, tmp_path / "run")
+    state = load_checkpoint(run / "checkpoint.pt")
+    for weights in (state["model"], state["ema"]):
+        out = [k for k in weights if k.endswith("weight")][-1]  # the network's last layer
+        weights[out] = weights[out] * 3e38 / weights[out].abs().max()  # finite, its sums are not
+    torch.save(state, run / "checkpoint.pt")
+    r = invoke("sample", "--run", run, "--n", 2, "--steps", 2, "--out", tmp_path / "s.png")
+    assert "samples are not finite" in one_line_error(r, 1) and not (tmp_path / "s.png").exists()

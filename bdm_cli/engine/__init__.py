@@ -6,6 +6,7 @@ of the network, the CLI and the config system::
     from bdm_cli.engine import BlurSchedule, diffuse, eps_loss, sample
 """
 
+from .checks import NonFiniteOutput
 from .dct import dct2, dct_matrix, idct2
 from .diffusion import Model, denoise_mean_var, diffuse, eps_loss, gaussian_eps, posterior_coefficients, precondition
 from .sampling import GRIDS, SAMPLERS, Step, default_grid, nfe, randn, sample, time_grid
@@ -16,6 +17,7 @@ __all__ = [
     "BlurSchedule",
     "GRIDS",
     "Model",
+    "NonFiniteOutput",
     "SAMPLERS",
     "Step",
     "dct2",

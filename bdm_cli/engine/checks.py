@@ -79,6 +79,12 @@ def check_schedule(schedule) -> None:
         raise TypeError(f"schedule must be a BlurSchedule, got {type(schedule).__name__}")
 
 
+class NonFiniteOutput(ValueError):
+    """The model returned NaN or inf for some sample at some step: :func:`~bdm_cli.engine.sample` raises this
+    instead of returning those samples (the per-frequency clamp made an infinite prediction a finite, plausible-looking
+    image)."""
+
+
 def check_model_output(eps, z: torch.Tensor) -> None:
     """What a model returned for the input ``z``: a real floating-point tensor of ``z``'s shape (a tuple or a numpy
     array failed inside torch; a [B, 1, H, W] output broadcast one eps over every channel; integers and complex were

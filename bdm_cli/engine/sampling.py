@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checks import check_bounds, check_generator, check_images, check_model_output, check_schedule, check_whole
+from .checks import NonFiniteOutput, check_bounds, check_generator, check_images, check_model_output, check_schedule, check_whole
 from .dct import dct2, idct2
 from .diffusion import Model, posterior_coefficients
 from .schedule import BlurSchedule
@@ -168,11 +168,13 @@ class _Predictor:
         self.model, self.ts, self.alpha, self.sigma, self.batch = model, ts, alpha, sigma, batch
         self.t_in = ts.to(alpha.device, alpha.dtype)
         self.bounds, self.clip, self.callback, self.inputs = bounds, clip, callback, {}
+        self.bad = torch.zeros(batch, dtype=torch.bool, device=alpha.device)  # samples with a non-finite eps (no sync)
 
     def __call__(self, u: torch.Tensor, i: int) -> torch.Tensor:
         z = idct2(u)
         eps = self.model(z, self.t_in[i].expand(self.batch))
         check_model_output(eps, z)
+        self.bad |= ~eps.isfinite().flatten(1).all(1)
         eps = eps.to(u.dtype)
         x_u = (u - self.sigma[i] * dct2(eps)) / self.alpha[i]
         if self.bounds is not None:
@@ -329,6 +331,9 @@ def sample(
 
     Returns:
         ``z_0``, the samples in pixel space, same shape and dtype as ``noise``.
+
+    Raises:
+        NonFiniteOutput: the model returned NaN or inf for some sample at some step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
@@ -358,4 +363,8 @@ def sample(
         # that is as much as the data's own (std 0.0066; 1.43x too much energy). Their sample is the x prediction at
         # t = 0 instead, E[x | z_0] (DPM-Solver's denoise_to_zero; k-diffusion's last step to sigma 0).
         u = x_hat(u, steps)
+    if bool(x_hat.bad.any()):  # one host sync, at the end
+        first = int(x_hat.bad.nonzero()[0])
+        raise NonFiniteOutput(f"the model returned NaN or inf for {int(x_hat.bad.sum())} of the {noise.shape[0]} samples "
+                              f"(the first: sample {first}) at some step: their samples would be garbage")
     return idct2(u)
