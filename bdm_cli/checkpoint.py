@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import numbers
 import pickle
@@ -32,10 +33,23 @@ def save_checkpoint(path: Path, state: dict) -> Path:
     try:
         with atomic_write(path) as f:
             torch.save({"format": FORMAT, **state}, f)
-    except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
-        raise CheckpointError(f"could not write the checkpoint {path} (is the disk full?): {str(e).splitlines()[0]}; "
-                              "the previous checkpoint is kept") from None
+    except (RuntimeError, OSError) as e:  # torch's zip writer reports a failed write as a RuntimeError, without its errno
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        kept = "the previous checkpoint is kept" if Path(path).is_file() else "no checkpoint was written"
+        raise CheckpointError(f"could not write the checkpoint {path} ({_write_failure(e)}); {kept}") from None
     return Path(path)
+
+
+def _write_failure(e: Exception) -> str:
+    """Why a write failed: its errno, or, where torch's writer lost it, the likely causes."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    over = f"over this process's file-size limit of {limit} bytes (ulimit -f)"
+    if isinstance(e, OSError):
+        return {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}.get(e.errno, over)
+    return "the disk is full" + ("" if limit == resource.RLIM_INFINITY else f", or the file is {over}")
 
 
 def load_checkpoint(path: Path | str, map_location="cpu") -> dict:

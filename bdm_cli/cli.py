@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import re
@@ -79,7 +80,8 @@ def user_errors():
             _error(str(e))
         raise typer.Exit(e.exit_code) from None
     except OSError as e:  # the environment, not a bug: disk full, permissions, a vanished file
-        _error(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+        limit = " (over this process's file-size limit: ulimit -f)" if e.errno == errno.EFBIG else ""
+        _error(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "") + limit)
         raise typer.Exit(1) from None
     except KeyboardInterrupt as e:
         if isinstance(e.__context__, UserError):  # a stop that came as an error was on its way out (torchrun's SIGTERM
@@ -618,7 +620,7 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
     input's folder, no other output of the same command in it (a grid named 000001.png would replace sample 1), and
     no numbered sample already there: not under the names it would write (nothing already written is replaced), nor
     under others (a set that was partly removed, then sampled again with another seed, would mix two sets for FID)."""
-    from .data import IMAGE_SUFFIXES
+    from .data import is_image_name
 
     if out_dir is None:
         return
@@ -638,7 +640,7 @@ def _check_out_dir(out_dir: Path | None, *files: Path | None, n: int = 0, inputs
     taken = sorted(name for name in existing if re.fullmatch(r"\d{6,}\.png", name)) if n else []
     # bdm fid reads every image in the folder and below: others (000099.PNG, a.jpg, a subfolder's) would join the set
     others = sorted(e.name + ("/" if e.is_dir() else "") for e in entries if not re.fullmatch(r"\d{6,}\.png", e.name)
-                    and (e.is_dir() or os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES))
+                    and (e.is_dir() or is_image_name(e.name)))
     if taken:
         clash = sum(int(name[:-4]) < n for name in taken)
         raise UsageError(f"--out-dir {out_dir} already holds {len(taken)} numbered samples ({taken[0]}, ...)"
@@ -1083,6 +1085,11 @@ def run() -> None:
             sys.exit(130)
         if isinstance(e, UserError):  # outside a command's own handling: --help or --version on a full stdout
             _error(str(e))
+            sys.exit(1)
+        if isinstance(e, (ImportError, MemoryError)):  # torch, which each command imports, under a low ulimit -v:
+            text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__  # its libraries cannot be mapped
+            _error(f"could not load the libraries bdm needs ({text}): raise the memory limit (ulimit -v), or reinstall "
+                   "them (make test)")
             sys.exit(1)
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not one of Click's (Typer's) usage errors
             raise

@@ -18,9 +18,20 @@ import torch
 from .errors import UsageError, UserError
 from .paths import cache_home, first_missing, user_path
 
-__all__ = ["DataError", "IMAGE_SUFFIXES", "READ_ERRORS", "check_not_shadowed", "dataset_source", "image_names", "open_image", "to_8bit", "why_unreadable", "read_member", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
+__all__ = ["DataError", "IMAGE_SUFFIXES", "is_image_name", "READ_ERRORS", "check_not_shadowed", "dataset_source", "image_names", "open_image", "to_8bit", "why_unreadable", "read_member", "shown", "load_image", "preprocess", "make_dataset", "collate_valid"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file or zip member of this name is read as an image: an image suffix, and not one of macOS's
+    AppleDouble twins (``._photo.png`` beside each file it copies to a FAT, exFAT or network drive, and everything
+    under a zip's ``__MACOSX/``), which hold metadata: read, half a dataset failed to decode."""
+    parts = name.replace("\\", "/").split("/")
+    return (Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES and not parts[-1].startswith("._")
+            and "__MACOSX" not in parts[:-1])
+
+
 BUILTINS = ("digits", "cifar10")
 SPLIT_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev"}
 MAX_PIXELS = 8192 * 8192  # 67 megapixels, above any camera's photo: a larger declared size is refused before decoding
@@ -221,7 +232,7 @@ def image_names(source: Path, split: str) -> list[str]:
     elif zipfile.is_zipfile(source):
         try:
             with zipfile.ZipFile(source) as z:
-                images = [n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX")
+                images = [n for n in z.namelist() if is_image_name(n)
                           and not n.endswith("/")]  # a folder entry named like an image (d.png/)
             members = {n.replace("\\", "/"): n for n in images}
             if len(members) < len(images):  # zipfile reads only the last of members with one name
@@ -294,7 +305,7 @@ def _image_files(folder: Path) -> list[str]:
             continue
         rel = Path(root).relative_to(folder)
         names += [(rel / f).as_posix() for f in files
-                  if Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(root, f))]
+                  if is_image_name(f) and os.path.isfile(os.path.join(root, f))]
     return names
 
 

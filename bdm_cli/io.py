@@ -109,9 +109,11 @@ def atomic_write(path: Path | str, mode: str = "wb", *, exclusive: bool = False)
             _link_new(tmp, path) if exclusive else os.replace(tmp, path)
         except PermissionError as e:  # an immutable or append-only file or folder (even root may not rename there)
             raise OutputError(f"cannot write {path}: {e.strerror} (is it or its folder immutable or append-only?)") from None
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a full disk or a file-size limit names what was being written
+            e.filename = str(path)
         raise
 
 

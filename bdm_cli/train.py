@@ -435,7 +435,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     run_dir = Path(run_dir)
     ddp = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, run_dir, ddp, resume, progress)
+        with contextlib.ExitStack() as held:  # the run folder's lock, closed however the run ends
+            return _train(cfg, run_dir, ddp, resume, progress, held)
     except RuntimeError as e:
         if ddp.distributed and peer_lost(e):  # the other rank's own error or stop is its message; this one's is this
             why = ("did not answer in time (stopped with Ctrl-Z or SIGSTOP, or stuck)" if re.search(r"timed out", str(e), re.I)
@@ -471,8 +472,9 @@ def _first_line(e: BaseException) -> str:
     return re.split(r"\.\s|\n", text)[0][:300] if text else type(e).__name__
 
 
-def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callable[[dict], None] | None) -> dict:
-    """The training loop of :func:`train`, in the process group ``ddp``."""
+def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callable[[dict], None] | None,
+           held: contextlib.ExitStack) -> dict:
+    """The training loop of :func:`train`, in the process group ``ddp``; what it holds open until then, in ``held``."""
     tc = cfg.train
     device = resolve_device(tc.device, ddp.local_rank)
     cuda, run_dir = device.type == "cuda", Path(run_dir)
@@ -541,7 +543,7 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
                 raise UserError(f"{run_dir / name} is not a folder (bdm train writes its {name} there): move it away")
             if name in ("config.yaml", "metrics.jsonl") and (run_dir / name).exists() and not (run_dir / name).is_file():
                 raise UserError(f"{run_dir / name} is not a file (bdm train writes its {name} there): move it away")
-        lock = _lock(run_dir)  # noqa: F841 - held (open) until train() returns
+        held.enter_context(_lock(run_dir))
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         for folder in (run_dir, run_dir / "samples"):  # what a killed (kill -9) writer left behind
             remove_stale_temps(folder)

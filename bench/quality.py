@@ -286,6 +286,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
+    arguments = parser().parse_args()  # --help needs no data
     if not ZIP.exists() or not WEIGHTS.exists():
         sys.exit(f"needs {ZIP} and {WEIGHTS} (../shared beside the checkout)")
-    run(parser().parse_args())
+    run(arguments)

@@ -502,7 +502,8 @@ def write_section(text: str, path: Path, markers: tuple[str, str] = MARKERS) -> 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--work", default=str(ROOT / "runs" / "study"), help="trainings and scores are kept here")
+    p.add_argument("--work", default=None, help="trainings and scores are kept here (runs/study; runs/study-smoke with --smoke, "
+                   "whose toy runs and 200-digit reference would otherwise be resumed and read by the real study)")
     p.add_argument("--steps", type=int, default=2000, help="training steps of every model")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -525,8 +526,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--out", default=None, help="the report's section goes here (docs/benchmarks.md; with --smoke, "
+                   "benchmarks.md in --work: toy figures never replace the study's)")
     args = p.parse_args()
+    args.work = args.work or str(ROOT / "runs" / ("study-smoke" if args.smoke else "study"))
+    args.out = args.out or str(Path(args.work) / "benchmarks.md" if args.smoke else ROOT / "docs" / "benchmarks.md")
     if not WEIGHTS.exists():
         sys.exit(f"needs {WEIGHTS} (../shared beside the checkout)")
     if args.smoke:

@@ -2699,3 +2699,57 @@ def test_round_twenty_seven(good_run, tmp_path):
     torch.save(state, run / "checkpoint.pt")
     r = invoke("sample", "--run", run, "--n", 2, "--steps", 2, "--out", tmp_path / "s.png")
     assert "samples are not finite" in one_line_error(r, 1) and not (tmp_path / "s.png").exists()
+
+
+def _bdm_limited(tmp_path, limit, value, *args):
+    """``python -m bdm_cli ARGS`` under one resource limit (``ulimit``), its output through pipes (which no file-size
+    limit reaches)."""
+    import resource
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    return subprocess.run([sys.executable, "-m", "bdm_cli", *map(str, args)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(limit, (value, value)))
+
+
+def test_round_twenty_seven_environment(good_run, tmp_path):
+    """A low address-space limit (ulimit -v) gave torch's ImportError traceback from every command; a file-size limit
+    (ulimit -f) on a new run's first checkpoint said "is the disk full?" and "the previous checkpoint is kept" (there
+    was none), and on a sample "File too large" without the file; macOS's AppleDouble twins (._a.png) were read as
+    images, and half a dataset copied from a Mac failed to decode; train left its run's lock file to the garbage
+    collector (a ResourceWarning under python -X dev)."""
+    import resource
+    import subprocess
+    import sys
+
+    from bdm_cli.data import make_dataset
+
+    from .conftest import ROOT
+
+    r = _bdm_limited(tmp_path, resource.RLIMIT_AS, 1 << 30, "presets")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith("Error: could not load the libraries bdm needs") and "ulimit -v" in r.stderr, r.stderr
+    r = _bdm_limited(tmp_path, resource.RLIMIT_FSIZE, 50 << 10, "train", "--preset", "tiny", "--steps", 2, "--out", "run")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "file-size limit of 51200 bytes (ulimit -f)); no checkpoint was written" in r.stderr and not (tmp_path / "run").exists()
+    r = _bdm_limited(tmp_path, resource.RLIMIT_FSIZE, 0, "sample", "--run", good_run, "--n", 2, "--steps", 2, "--out", "s.png")
+    assert r.returncode == 1 and "Error: File too large: s.png (over this process's file-size limit" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file either
+
+    photos = _images(tmp_path / "photos", n=3)
+    for p in list(photos.iterdir()):
+        (photos / f"._{p.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64))
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as z:
+        for p in photos.iterdir():
+            z.write(p, f"set/{p.name}")
+    for source in (photos, tmp_path / "photos.zip"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "skipping unreadable image"
+            assert len(make_dataset(str(source), 8, 3, "")) == 3
+
+    r = subprocess.run([sys.executable, "-X", "dev", "-m", "bdm_cli", "train", "--preset", "tiny", "--steps", "2", "--out",
+                        str(tmp_path / "dev")], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert r.returncode == 0 and "unclosed file" not in r.stderr, r.stderr[-2000:]
