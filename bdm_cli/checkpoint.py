@@ -69,8 +69,10 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} holds objects other than tensors and plain data (code could run on loading); refusing to load it") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt? {type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, AttributeError, LookupError,
+            OverflowError, RecursionError) as e:  # a hand-made pickle reaches torch's loader with records of any type
+        text = str(e).splitlines()[0][:300] if str(e) else ""
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt? {type(e).__name__}: {text})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a bdm checkpoint (no model/config entries)")
     if not isinstance(state.get("format", FORMAT), int) or isinstance(state.get("format"), bool) or state.get("format", FORMAT) < 1:

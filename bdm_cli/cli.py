@@ -568,20 +568,11 @@ def _remove_unstarted_run(run_dir: Path, made: Path | None) -> None:
     checkpoint (a dataset that cannot be read, say), is not left behind: it holds only bdm's own files. ``made``
     None: the user's folder, empty when the run began, is emptied and kept (its files made the same command's
     next try a "run stopped before its first checkpoint")."""
-    import shutil
+    from .train import empty_unstarted_run
 
-    from .train import RUN_FILES
-
-    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
-    if names <= RUN_FILES and "checkpoint.pt" not in names:
-        if made is None:
-            for p in run_dir.iterdir():
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-            return
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if empty_unstarted_run(run_dir) and made is not None:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
         remove_empty_folders(run_dir.parent, made)  # the empty folders above it that this command made
 
 

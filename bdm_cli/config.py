@@ -309,7 +309,7 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         if isinstance(value, (int, float)):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
+            raise ConfigError(f"{name} must be a list, got {reprlib.repr(value)}")  # bounded: a mapping 10^5 deep
         return tuple(_coerce(v, typing.get_args(typ)[0], name) for v in value)
     try:
         if typ is bool:
@@ -352,9 +352,9 @@ def _merge(cfg: Config, data: dict, source: str) -> Config:
     for section, values in data.items():
         if section not in sections:
             hint = difflib.get_close_matches(str(section), sections, n=1)
-            raise ConfigError(f"{source}: unknown section {section!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            raise ConfigError(f"{source}: unknown section {reprlib.repr(section)}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section {section!r} must be a mapping of keys")
+            raise ConfigError(f"{source}: section {reprlib.repr(section)} must be a mapping of keys")
         current = getattr(cfg, section)
         types_ = typing.get_type_hints(type(current))
         changes = {}
@@ -388,7 +388,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         if name is not None and not isinstance(name, str):  # (to train the same model again, under that name)
             raise ConfigError(f"{path.name}: 'preset' is the name of the preset a run came from, a text")
         if parent is not None and (not isinstance(parent, str) or not parent):  # extends: 0 / false / "" meant something
-            raise ConfigError(f"{path.name}: 'extends' must name a preset or a .yaml file, got {parent!r}")
+            raise ConfigError(f"{path.name}: 'extends' must name a preset or a .yaml file, got {reprlib.repr(parent)}")
         if parent:
             if Path(parent).suffix.lower() in (".yaml", ".yml") or "/" in parent:
                 # a file named by a preset is found beside that preset (or where it says: ~/ or /), never in the
@@ -419,7 +419,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
-            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+            raise ConfigError(f"--set expects section.key=value, got {reprlib.repr(item)}")
         if name in data.get(section, {}):  # as a key twice in a preset: one would silently win
             raise ConfigError(f"--set {section}.{name} is given twice: give it once")
         if _field_type(section, name) is str:

@@ -35,6 +35,7 @@ def is_image_name(name: str) -> bool:
 BUILTINS = ("digits", "cifar10")
 SPLIT_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev"}
 MAX_PIXELS = 8192 * 8192  # 67 megapixels, above any camera's photo: a larger declared size is refused before decoding
+MAX_JPEG_SCANS = 500  # libjpeg-turbo's guard against progressive "scan bombs" (TJPARAM_SCANLIMIT); encoders write ~10
 # What reading one image (or zip member) can raise: a bad or truncated file, a corrupt deflate stream (zlib.error),
 # an encrypted member (RuntimeError), an unsupported compression method (NotImplementedError).
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, RuntimeError, NotImplementedError, zlib.error,
@@ -80,7 +81,24 @@ def open_image(fp, name: str | Path):
         img.close()
         raise DataError(f"{shown(name)} declares {w} x {h} pixels, more than the {MAX_PIXELS:,} bdm reads (a decompression "
                         "bomb, or a picture to shrink first)")
+    if img.format == "JPEG" and img.info.get("progressive") and (scans := _jpeg_scans(img.fp)) > MAX_JPEG_SCANS:
+        img.close()
+        raise DataError(f"{shown(name)} is a progressive JPEG of {scans:,} scans, more than the {MAX_JPEG_SCANS} bdm decodes "
+                        "(each scan decodes the whole picture again: minutes for one small file)")
     return img
+
+
+def _jpeg_scans(fp) -> int:
+    """The start-of-scan markers (FF DA) of a JPEG: its entropy-coded data stuffs every FF with 00, so only markers
+    (and an EXIF thumbnail's own one) match. Reads the file once, from its start, and leaves its position as it was."""
+    at = fp.tell()
+    fp.seek(0)
+    count, tail = 0, b""
+    while chunk := fp.read(1 << 20):
+        count += (tail + chunk).count(b"\xff\xda")
+        tail = chunk[-1:]  # a marker across two chunks (FF at the end of one) counts once: tail holds only that byte
+    fp.seek(at)
+    return count
 
 
 def to_8bit(img):

@@ -37,7 +37,8 @@ from .paths import blocking_file, not_a_folder
 from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device, seed_of
 from .unet import build_model
 
-__all__ = ["lr_at", "ema_update", "nonfinite", "make_optimizer", "train_step", "train", "preview_grid", "StepBatches", "Dist", "data_stats", "check_new_run_dir"]
+__all__ = ["lr_at", "ema_update", "nonfinite", "make_optimizer", "train_step", "train", "preview_grid", "StepBatches", "Dist", "data_stats", "check_new_run_dir",
+           "empty_unstarted_run"]
 
 
 
@@ -261,10 +262,10 @@ class _Unanswered:
     at once (``signal.set_wakeup_fd``). A stop that waits ``NOTE_AFTER`` s for a step says so, once; a second signal
     (a second or more after the first, as for Ctrl-C) that the handler has not taken ``HANDLER_WAIT`` s later ends
     the rank at once (``os._exit``: as after a kill, its files are whole, written atomically, and its last
-    checkpoint is kept), with one line."""
+    checkpoint is kept; a run without one yet leaves no files), with one line."""
 
-    def __init__(self, stop: _Stop, rank: int, kept: Callable[[], str]):
-        self.stop, self.rank, self.kept = stop, rank, kept
+    def __init__(self, stop: _Stop, rank: int, kept: Callable[[], str], on_exit: Callable[[], object]):
+        self.stop, self.rank, self.kept, self.on_exit = stop, rank, kept, on_exit
 
     def __enter__(self):
         self._pipe = os.pipe() if _main_thread() else None
@@ -301,12 +302,14 @@ class _Unanswered:
                         if self.stop.handled_at < now:
                             self._say(f"Error: stopped by a second {signal.Signals(signum).name} inside a step, waiting "
                                       f"for another process of this run that does not answer; {self.kept()}")
+                            with contextlib.suppress(Exception):  # the exit below must happen
+                                self.on_exit()
                             os._exit(128 + signum)
             if first is not None and not told and time.monotonic() - max(first, self.stop.beat_at) > NOTE_AFTER:
                 told = True
-                self._say(f"Stopping: rank {self.rank} waits for the step all processes of this run take together (a "
-                          "process stopped with Ctrl-Z or stuck on a file system holds the others there); the same "
-                          f"signal again stops this one at once; {self.kept()}")
+                self._say(f"Stopping: rank {self.rank} waits for the step all processes of this run take together (one "
+                          "that does not answer, stopped with Ctrl-Z, stuck on a file system or gone, holds the others "
+                          f"there); the same signal again stops this one at once; {self.kept()}")
 
     @staticmethod
     def _say(line: str) -> None:
@@ -375,6 +378,22 @@ def _every(step: int, n: int) -> bool:
 RUN_FILES = {"checkpoint.pt", "config.yaml", "metrics.jsonl", "samples", "tb", ".lock"}
 # What bdm train writes inside samples/ and tb/: anything else there is a user's
 RUN_INNER = {"samples": re.compile(r"step_\d{6}\.png|final\.png"), "tb": re.compile(r"events\.out\.tfevents\..*")}
+
+
+def empty_unstarted_run(run_dir: Path) -> bool:
+    """Remove a run's files if it stopped before its first checkpoint (they hold nothing to resume, and would make the
+    same command's next try a "run stopped before its first checkpoint"): whether the folder held only those."""
+    import shutil
+
+    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if not names <= RUN_FILES or CHECKPOINT in names:
+        return False
+    for p in run_dir.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return True
 
 
 def check_new_run_dir(run_dir: Path) -> None:
@@ -635,7 +654,11 @@ def _train(cfg: Config, run_dir: Path, ddp: Dist, resume: bool, progress: Callab
         return signal.Signals(int(signum)).name if int(signum) else None
 
     raise_if_interrupted()  # a Ctrl-C lost during start-up stops before the first step, as it was meant to
-    with _Stop() as stop, (_Unanswered(stop, ddp.rank, kept) if ddp.distributed else contextlib.nullcontext()):
+    def unstarted() -> None:  # what the CLI does for a run stopped before its first checkpoint, where it cannot
+        if ddp.main and saved_at is None:
+            empty_unstarted_run(run_dir)
+
+    with _Stop() as stop, (_Unanswered(stop, ddp.rank, kept, unstarted) if ddp.distributed else contextlib.nullcontext()):
         for x in loader:
             unread_here += tc.batch_size // ddp.world - len(x)  # undecodable files (warned by the dataset)
             unread = len(x) == 0  # no image of this rank's share could be read: a stand-in of its shape takes the

@@ -88,7 +88,7 @@ def test_disk_full_inside_torch_save_is_one_line_and_keeps_the_checkpoint(good_r
 
     monkeypatch.setattr(ck.torch, "save", full)
     msg = one_line_error(invoke("train", "--resume", run, "--steps", 3), 1)
-    assert "disk full" in msg
+    assert "(the disk is full); the previous checkpoint is kept" in msg
     assert (run / "checkpoint.pt").read_bytes() == before
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
@@ -2753,3 +2753,63 @@ def test_round_twenty_seven_environment(good_run, tmp_path):
     r = subprocess.run([sys.executable, "-X", "dev", "-m", "bdm_cli", "train", "--preset", "tiny", "--steps", "2", "--out",
                         str(tmp_path / "dev")], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert r.returncode == 0 and "unclosed file" not in r.stderr, r.stderr[-2000:]
+
+
+def _pickle_edited(src: Path, dst: Path, old: bytes, new: bytes) -> Path:
+    """A copy of a checkpoint with one byte pattern of its pickle (data.pkl) replaced: what no torch.save writes."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert old in data
+                data = data.replace(old, new, 1)
+            zout.writestr(info.filename, data)
+    return dst
+
+
+def test_round_twenty_eight(good_run, tmp_path):
+    """A checkpoint whose config held a mapping 10^5 deep where a list belongs (RecursionError in the message's
+    repr), or whose storage declared a negative size (torch's TypeError): tracebacks. A progressive JPEG of 5,000
+    scans decoded for a minute (each scan decodes the whole picture again). A model's finite but huge output made
+    an x prediction that overflowed to NaN or inf, or that the clamp turned into plausible-looking garbage. A --set
+    item of a megabyte was printed whole."""
+    import struct
+
+    from bdm_cli.engine import BlurSchedule, NonFiniteOutput, sample
+
+    state = load_checkpoint(good_run / "checkpoint.pt")
+    state["config"]["model"]["channel_mult"] = "PLACEHOLDERXYZ"
+    state["extra"] = torch.zeros(77777)
+    torch.save(state, tmp_path / "src.pt")
+    depth = 100_000  # {"k": {"k": ...}} as pickle opcodes: EMPTY_DICT, then (BINUNICODE "k", EMPTY_DICT) x n, SETITEM x n
+    deep = b"}" + (b"X\x01\x00\x00\x00k}" * (depth - 1)) + b"s" * (depth - 1)
+    placeholder = b"X" + struct.pack("<I", 14) + b"PLACEHOLDERXYZ"
+    for name, old, new in (("deep.pt", placeholder, deep), ("negative.pt", b"J" + struct.pack("<i", 77777), b"\x8a\x01\xfb")):
+        bad = _pickle_edited(tmp_path / "src.pt", tmp_path / name, old, new)
+        msg = one_line_error(invoke("sample", "--checkpoint", bad, "--n", 1, "--steps", 1, "--out", tmp_path / "s.png"), 1)
+        assert name in msg and len(msg) < 600, msg
+
+    from io import BytesIO
+
+    buf = BytesIO()
+    Image.new("RGB", (256, 256), (128, 100, 90)).save(buf, "JPEG", progressive=True, quality=50)
+    data = buf.getvalue()
+    scan = data[data.rindex(b"\xff\xda"):-2]
+    (tmp_path / "scans.jpg").write_bytes(data[:-2] + scan * 600 + b"\xff\xd9")
+    (tmp_path / "fine.jpg").write_bytes(data)  # the same picture as an encoder writes it (10 scans): read
+    msg = one_line_error(invoke("blur-preview", tmp_path / "scans.jpg", "--out", tmp_path / "b.png"), 1)
+    assert "progressive JPEG of 6" in msg and "scans, more than the 500" in msg
+    assert invoke("blur-preview", tmp_path / "fine.jpg", "--out", tmp_path / "b.png").exit_code == 0
+
+    noise = torch.randn(3, 1, 8, 8)
+    bounds = (-5 * torch.ones(1, 8, 8), 5 * torch.ones(1, 8, 8))
+    for big in (3e38, 1e37):
+        def huge(z, t, big=big):
+            return torch.where(torch.arange(3).view(3, 1, 1, 1) == 1, big, torch.zeros_like(z))
+
+        for sampler, rng in (("ddim", None), ("ancestral", bounds), ("unipc", bounds)):
+            with pytest.raises(NonFiniteOutput, match="for 1 of the 3 samples"):
+                sample(huge, noise, BlurSchedule(sigma_blur_max=2.0), 4, sampler=sampler, denoised_range=rng)
+
+    msg = one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "run", "--set", "x" * 1_000_000), 2)
+    assert "--set expects section.key=value" in msg and len(msg) < 300

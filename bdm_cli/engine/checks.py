@@ -80,9 +80,9 @@ def check_schedule(schedule) -> None:
 
 
 class NonFiniteOutput(ValueError):
-    """The model returned NaN or inf for some sample at some step: :func:`~bdm_cli.engine.sample` raises this
-    instead of returning those samples (the per-frequency clamp made an infinite prediction a finite, plausible-looking
-    image)."""
+    """The model returned NaN or inf for some sample at some step, or values so large that the x prediction made of
+    them overflows: :func:`~bdm_cli.engine.sample` raises this instead of returning those samples (the per-frequency
+    clamp made an infinite prediction a finite, plausible-looking image)."""
 
 
 def check_model_output(eps, z: torch.Tensor) -> None:

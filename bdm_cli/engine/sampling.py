@@ -174,9 +174,10 @@ class _Predictor:
         z = idct2(u)
         eps = self.model(z, self.t_in[i].expand(self.batch))
         check_model_output(eps, z)
-        self.bad |= ~eps.isfinite().flatten(1).all(1)
         eps = eps.to(u.dtype)
         x_u = (u - self.sigma[i] * dct2(eps)) / self.alpha[i]
+        # a non-finite eps, or a finite one so large that x overflows (1/alpha reaches 1e5 in blurred-out frequencies)
+        self.bad |= ~x_u.isfinite().flatten(1).all(1)
         if self.bounds is not None:
             x_u = torch.maximum(torch.minimum(x_u, self.bounds[1]), self.bounds[0])
         if self.clip:
@@ -363,8 +364,10 @@ def sample(
         # that is as much as the data's own (std 0.0066; 1.43x too much energy). Their sample is the x prediction at
         # t = 0 instead, E[x | z_0] (DPM-Solver's denoise_to_zero; k-diffusion's last step to sigma 0).
         u = x_hat(u, steps)
-    if bool(x_hat.bad.any()):  # one host sync, at the end
-        first = int(x_hat.bad.nonzero()[0])
-        raise NonFiniteOutput(f"the model returned NaN or inf for {int(x_hat.bad.sum())} of the {noise.shape[0]} samples "
-                              f"(the first: sample {first}) at some step: their samples would be garbage")
-    return idct2(u)
+    x = idct2(u)
+    bad = x_hat.bad | ~x.isfinite().flatten(1).all(1)
+    if bool(bad.any()):  # one host sync, at the end
+        raise NonFiniteOutput(f"the model's output for {int(bad.sum())} of the {noise.shape[0]} samples (the first: sample "
+                              f"{int(bad.nonzero()[0])}) is NaN or inf at some step, or so large that their x prediction "
+                              "overflows: their samples would be garbage")
+    return x
