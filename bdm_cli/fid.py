@@ -19,6 +19,7 @@ import hashlib
 import io
 import os
 import pickle
+import reprlib
 import shutil
 import warnings
 import zipfile
@@ -57,16 +58,31 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.ndim != 1 or s1.shape != (len(mu1),) * 2 or mu2.shape != mu1.shape or s2.shape != s1.shape:
         raise UserError(f"statistics of different dimensions: mu {mu1.shape} with sigma {s1.shape}, mu {mu2.shape} "
                         f"with sigma {s2.shape}")
-    w, v = np.linalg.eigh((s1 + s1.T) / 2)
-    for which, eig in (("first", w), ("second", np.linalg.eigvalsh((s2 + s2.T) / 2))):
-        if eig.min() < -1e-6 * max(1.0, eig.max()):  # rounding gives about -1e-12; clipping more would hide it
-            raise UserError(f"the {which} statistics' sigma is not a covariance matrix (an eigenvalue of {eig.min():.3g}): "
-                            "a damaged or hand-made .npz")
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root1 @ s2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean))  # >= 0; below is rounding
+    if len(mu1) == 0:
+        raise UserError("FID of statistics with no dimensions")
+    too_large = UserError("FID of statistics too large to compute in float64 (their sums overflow): a damaged or "
+                          "hand-made .npz, or no Inception's features")
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            w, v = np.linalg.eigh((s1 + s1.T) / 2)
+            eig2 = np.linalg.eigvalsh((s2 + s2.T) / 2)
+        except np.linalg.LinAlgError:  # eigh does not converge on matrices of inf and NaN
+            raise too_large from None
+        for which, eig in (("first", w), ("second", eig2)):
+            if eig.min() < -1e-6 * max(1.0, eig.max()):  # rounding gives about -1e-12; clipping more would hide it
+                raise UserError(f"the {which} statistics' sigma is not a covariance matrix (an eigenvalue of "
+                                f"{eig.min():.3g}): a damaged or hand-made .npz")
+        root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        m = root1 @ s2 @ root1
+        try:
+            tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+        except np.linalg.LinAlgError:
+            raise too_large from None
+        diff = mu1 - mu2
+        value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    if not np.isfinite(value):  # inf - inf: max(0, nan) below would be a perfect 0
+        raise too_large
+    return max(0.0, value)  # >= 0; below is rounding
 
 
 def polynomial_mmd(x: np.ndarray, y: np.ndarray) -> float:
@@ -82,18 +98,26 @@ def polynomial_mmd(x: np.ndarray, y: np.ndarray) -> float:
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("polynomial_mmd of features that are not finite (NaN or inf)")
     m, d = x.shape
-    k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-    return float(within - 2 * k_xy.sum() / (m * m))
+    if d == 0:
+        raise ValueError("polynomial_mmd of features with no dimensions")
+    with np.errstate(over="ignore", invalid="ignore"):
+        k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+        value = float(within - 2 * k_xy.sum() / (m * m))
+    if not np.isfinite(value):
+        raise ValueError("polynomial_mmd of features too large to compute in float64 (the kernel's sums overflow)")
+    return value
 
 
 def kid_subsets(n1: int, n2: int, *, subsets: int = 100, subset_size: int = 1000,
                 seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The row indices of each KID subset: ``subsets`` pairs of ``min(subset_size, n1, n2)`` indices into each set,
     each drawn without replacement (as torchmetrics' ``randperm(n)[:m]``), from one seeded numpy Generator."""
-    for name, value in (("subsets", subsets), ("subset_size", subset_size)):
+    for name, value in (("subsets", subsets), ("subset_size", subset_size), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise UsageError(f"KID's {name} must be a whole number, got {value!r}")
+            raise UsageError(f"KID's {name} must be a whole number, got {reprlib.repr(value)}")
+    if seed < 0:
+        raise UsageError(f"KID's seed must be >= 0, got {seed}")
     if subsets < 1 or subset_size < 2:
         raise UsageError(f"KID needs at least 1 subset of at least 2 images, got {subsets} subsets of {subset_size}")
     if min(n1, n2) < 2:
@@ -118,6 +142,10 @@ def kernel_distance(feats1, feats2, *, subsets: int = 100, subset_size: int = 10
         raise UserError(f"KID of features of different dimensions: {f1.shape} and {f2.shape}")
     if not (np.isfinite(f1).all() and np.isfinite(f2).all()):  # as frechet_distance: NaN is no distance
         raise UserError("KID of features that are not finite (NaN or inf): they are no Inception's features")
+    if f1.shape[1] == 0:
+        raise UserError("KID of features with no dimensions")
+    if max(np.abs(f1).max(initial=0), np.abs(f2).max(initial=0)) > 1e50:  # cubed sums of products overflow float64
+        raise UserError("KID of features too large to compute in float64: they are no Inception's features")
     scores = np.array([polynomial_mmd(f1[i], f2[j])
                        for i, j in kid_subsets(len(f1), len(f2), subsets=subsets, subset_size=subset_size, seed=seed)])
     return float(scores.mean()), float(scores.std())
@@ -613,6 +641,8 @@ def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, feats: np.
     """``mu``, ``sigma`` and ``n`` as pytorch-fid reads them (``n`` < 0: unknown, as for a .npz without it: left out),
     and ``feats`` (the kept feature rows, for KID) when given; refused unless :func:`read_stats` would read them back
     (:func:`check_stats`)."""
+    if Path(path).suffix.lower() != ".npz":  # what read_stats and bdm fid take as statistics
+        raise UsageError(f"{shown(path)}: FID statistics are written to a .npz file")
     mu = np.asarray(mu)
     check_stats(mu, np.asarray(sigma), None if n < 0 else np.asarray(n), None if feats is None else np.asarray(feats),
                 mu.shape[0] if mu.ndim else 0, f"the statistics for {shown(path)}")

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CHECKPOINT, CheckpointError, check_data_stats, check_resumable, load_checkpoint, save_checkpoint, write_config
-from .config import Config, to_dict
+from .config import Config, from_dict, to_dict
 from .data import collate_valid, dataset_fingerprint, make_dataset
 from .engine import NonFiniteOutput, dct2, eps_loss, sample
 from .errors import AgreedError, UsageError, UserError, raise_if_interrupted
@@ -451,6 +451,11 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: Callabl
     """
     if not isinstance(run_dir, (str, os.PathLike)):  # None or 5 failed inside pathlib
         raise TypeError(f"run_dir must be a path (str or os.PathLike), got {type(run_dir).__name__}")
+    if not isinstance(cfg, Config):
+        raise TypeError(f"cfg must be a bdm_cli.config.Config (load_config), got {type(cfg).__name__}")
+    # a Config made with dataclasses.replace has not been through load_config's checks (batch_size 0, steps -3 and
+    # ema_decay 1.5 trained, or failed deep in torch): the same types, ranges and cross-field rules as a saved config's
+    cfg = from_dict(to_dict(cfg))
     run_dir = Path(run_dir)
     ddp = init_distributed(cfg.train.device)
     try:

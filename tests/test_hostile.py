@@ -2813,3 +2813,43 @@ def test_round_twenty_eight(good_run, tmp_path):
 
     msg = one_line_error(invoke("train", "--preset", "tiny", "--out", tmp_path / "run", "--set", "x" * 1_000_000), 2)
     assert "--set expects section.key=value" in msg and len(msg) < 300
+
+
+def test_round_twenty_nine(tmp_path):
+    """The library's train() took a Config made with dataclasses.replace unchecked (batch_size 0: ZeroDivisionError
+    and a half-made run folder; steps -3 or ema_decay 1.5: a checkpoint that bdm itself then called damaged);
+    frechet_distance of finite statistics whose sums overflow was a perfect 0.0, and kernel_distance NaN."""
+    import dataclasses
+
+    from bdm_cli import fid
+    from bdm_cli.config import ConfigError, load_config
+    from bdm_cli.errors import UserError
+    from bdm_cli.train import train
+
+    cfg = load_config("tiny")
+    for section, change, match in (("train", {"batch_size": 0}, "batch_size must be > 0"),
+                                   ("train", {"steps": -3}, "steps must be >= 0"),
+                                   ("train", {"ema_decay": 1.5}, "ema_decay must be in"),
+                                   ("data", {"resolution": 3}, "resolution must be >= 4"),
+                                   ("model", {"num_heads": 0}, "num_heads"),
+                                   ("train", {"weight_decay": float("inf")}, "weight_decay must be a finite number")):
+        bad = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **change)})
+        with pytest.raises(ConfigError, match=match):
+            train(bad, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(TypeError, match="cfg must be a bdm_cli.config.Config"):
+        train(None, tmp_path / "run")
+
+    with pytest.raises(UserError, match="too large to compute"):
+        fid.frechet_distance([0, 0], np.diag([1e308, 1e308]), [5, 5], np.diag([1e300, 1e300]))
+    rng = np.random.default_rng(0)
+    with pytest.raises(UserError, match="too large to compute"):
+        fid.kernel_distance(rng.random((50, 8)) * 1e200, rng.random((50, 8)), subsets=3, subset_size=10)
+    with pytest.raises(UserError, match="no dimensions"):
+        fid.kernel_distance(np.zeros((5, 0)), np.zeros((5, 0)), subsets=3, subset_size=3)
+    for seed in (-1, "x"):
+        with pytest.raises(UserError, match="seed must be"):
+            fid.kernel_distance(rng.random((5, 8)), rng.random((5, 8)), subsets=3, subset_size=3, seed=seed)
+    with pytest.raises(UserError, match="written to a .npz file"):
+        fid.save_stats(tmp_path / "s4", np.zeros(2), np.eye(2), 10)
+    assert not (tmp_path / "s4").exists()
