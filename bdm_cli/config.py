@@ -9,6 +9,7 @@ YAML is read with ``yaml.safe_load`` only.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import os
@@ -335,6 +336,10 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
                 raise ValueError
             return float(value) + 0.0  # -0 is 0
         if typ is str:
+            if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):  # a library caller's Path
+                return os.fspath(value)
+            if not isinstance(value, (str, int, float, bool, list, dict, datetime.date, type(None))):  # not YAML's: Python's
+                raise ConfigError(f"{name} must be text (a str), got a {type(value).__name__}")
             if not isinstance(value, str):  # YAML reads `dataset: 01` as 1 and `split: yes` as True: never retyped
                 kind = "nothing" if value is None else f"the {type(value).__name__} {reprlib.repr(value)}"
                 raise ConfigError(f"{name} must be text, but YAML read {kind} there: quote the value "

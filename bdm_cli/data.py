@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import numbers
 import os
+import reprlib
 import shutil
 import warnings
 import zipfile
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .engine.checks import check_whole
 from .errors import UsageError, UserError
 from .paths import cache_home, first_missing, user_path
 
@@ -35,6 +38,7 @@ def is_image_name(name: str) -> bool:
 BUILTINS = ("digits", "cifar10")
 SPLIT_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev"}
 MAX_PIXELS = 8192 * 8192  # 67 megapixels, above any camera's photo: a larger declared size is refused before decoding
+MAX_READ_SIDE = 4096  # the largest size bdm reads images at (blur-preview's --size: 2048): more would take gigabytes
 MAX_JPEG_SCANS = 500  # libjpeg-turbo's guard against progressive "scan bombs" (TJPARAM_SCANLIMIT); encoders write ~10
 # What reading one image (or zip member) can raise: a bad or truncated file, a corrupt deflate stream (zlib.error),
 # an encrypted member (RuntimeError), an unsupported compression method (NotImplementedError).
@@ -89,16 +93,32 @@ def open_image(fp, name: str | Path):
 
 
 def _jpeg_scans(fp) -> int:
-    """The start-of-scan markers (FF DA) of a JPEG: its entropy-coded data stuffs every FF with 00, so only markers
-    (and an EXIF thumbnail's own one) match. Reads the file once, from its start, and leaves its position as it was."""
+    """The scans of a JPEG: its start-of-scan (SOS) segments, found by walking the marker segments by their lengths
+    (metadata such as ICC profiles, EXIF and comments is skipped whole: an FF DA inside it is no scan) and, after
+    each scan's header, its entropy-coded data to the next marker (where every FF is stuffed with 00, or a restart
+    marker). Reads the file once and leaves its position as it was."""
     at = fp.tell()
     fp.seek(0)
-    count, tail = 0, b""
-    while chunk := fp.read(1 << 20):
-        count += (tail + chunk).count(b"\xff\xda")
-        tail = chunk[-1:]  # a marker across two chunks (FF at the end of one) counts once: tail holds only that byte
+    data = fp.read()
     fp.seek(at)
-    return count
+    scans, i = 0, 2  # after SOI
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:  # entropy-coded data: on to the next FF
+            i = data.find(b"\xff", i)
+            if i < 0:
+                break
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            i += 1
+        elif marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD7:  # a stuffed FF, TEM, a restart: no length
+            i += 2
+        elif marker == 0xD9:  # EOI
+            break
+        else:
+            scans += marker == 0xDA
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")  # the segment (SOS: its header; its data follows)
+    return scans
 
 
 def to_8bit(img):
@@ -122,17 +142,33 @@ def to_8bit(img):
         arr = np.asarray(img, dtype=np.float64)
         scale = 257.0 if img.mode.startswith("I;16") or arr.max() > 255 else 1.0
         img = Image.fromarray(np.clip(np.round(arr / scale), 0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La"):
+    if img.mode in ("RGBa", "La"):  # premultiplied alpha converts only to its plain form
+        img = img.convert(img.mode[:-1] + "A")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)  # transparent areas become white, not black
     return img if img.mode in ("L", "RGB") else img.convert("RGB")  # LAB converts to RGB only, not to L
 
 
+def check_image_args(resolution, channels) -> None:
+    """The size and channels images are read at: a whole number of pixels up to :data:`MAX_READ_SIDE`, and 1 (grey)
+    or 3 (RGB) channels (2, 4 or 0 gave RGB silently; a size of 0 failed inside Pillow; 10^6 took 23 GB)."""
+    check_whole(resolution, "resolution", 1, MAX_READ_SIDE)
+    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {reprlib.repr(channels)}")
+
+
 def preprocess(img, resolution: int, channels: int = 3) -> torch.Tensor:
     """A PIL image to a [C, R, R] float tensor in [-1, 1]: convert mode, center-crop to a square,
     resize with antialiasing (as EDM's dataset tool and ADM do)."""
     from PIL import Image, ImageOps
+
+    check_image_args(resolution, channels)
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"preprocess takes a PIL image, got {type(img).__name__}")
+    if 0 in img.size:
+        raise DataError(f"the image is empty ({img.size[0]} x {img.size[1]} pixels)")
 
     # draft() lets JPEG decode at a reduced scale: huge photos never decode at full size.
     img.draft("L" if channels == 1 else "RGB", (resolution, resolution))
@@ -156,6 +192,7 @@ def load_image(path: Path | str, resolution: int, channels: int = 3) -> torch.Te
     """Read one image file as a [C, R, R] tensor in [-1, 1], with clear errors for bad files."""
     from PIL import Image
 
+    check_image_args(resolution, channels)
     path = Path(path)
     if not path.exists():
         raise DataError(f"image not found: {shown(path)}")
@@ -395,6 +432,11 @@ def dataset_source(dataset: str, split: str = "train") -> Path | None:
 
 def make_dataset(dataset: str, resolution: int, channels: int = 3, split: str = "train") -> torch.utils.data.Dataset:
     """``digits``, ``cifar10`` (torchvision, cached under $BDM_DATA_DIR or ~/.cache/bdm), or a folder / zip of images."""
+    if isinstance(dataset, os.PathLike):
+        dataset = os.fspath(dataset)
+    if not isinstance(dataset, str):
+        raise TypeError(f"dataset must be digits, cifar10 or a path (str or os.PathLike), got {type(dataset).__name__}")
+    check_image_args(resolution, channels)
     source = dataset_source(dataset, split)
     if dataset == "digits":
         return TensorImages(load_digits(resolution, channels))

@@ -23,7 +23,7 @@ import torch
 from .errors import UsageError, UserError
 from .paths import blocking_file, not_a_folder
 
-__all__ = ["OutputError", "atomic_write", "atomic_write_bytes", "remove_stale_temps", "to_uint8", "save_image", "save_numbered", "make_grid",
+__all__ = ["OutputError", "naming", "atomic_write", "atomic_write_bytes", "remove_stale_temps", "to_uint8", "save_image", "save_numbered", "make_grid",
            "check_writable", "check_outputs", "image_format", "write_image"]
 
 
@@ -84,6 +84,18 @@ TEMP_SUFFIX = ".bdm.tmp"  # what remove_stale_temps may delete: only bdm's own t
 
 
 @contextlib.contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """An OSError without a file name inside (a full disk or a file-size limit met by a write) names ``path``: the
+    CLI's line then says which file."""
+    try:
+        yield
+    except OSError as e:
+        if not e.filename:
+            e.filename = str(path)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_write(path: Path | str, mode: str = "wb", *, exclusive: bool = False) -> Iterator[io.IOBase]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``. ``exclusive``: never
     replace a file that exists by then (another process writing the same folder), an error instead."""
@@ -101,7 +113,7 @@ def atomic_write(path: Path | str, mode: str = "wb", *, exclusive: bool = False)
         except FileNotFoundError:
             bits = 0o666 & ~_umask()  # mkstemp makes 0600: a new file is like any other the user writes
         os.fchmod(fd, bits)
-        with os.fdopen(fd, mode) as f:
+        with naming(path), os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -109,11 +121,9 @@ def atomic_write(path: Path | str, mode: str = "wb", *, exclusive: bool = False)
             _link_new(tmp, path) if exclusive else os.replace(tmp, path)
         except PermissionError as e:  # an immutable or append-only file or folder (even root may not rename there)
             raise OutputError(f"cannot write {path}: {e.strerror} (is it or its folder immutable or append-only?)") from None
-    except BaseException as e:
+    except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and not e.filename:  # a full disk or a file-size limit names what was being written
-            e.filename = str(path)
         raise
 
 

@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ from .config import Config, from_dict, to_dict
 from .data import collate_valid, dataset_fingerprint, make_dataset
 from .engine import NonFiniteOutput, dct2, eps_loss, sample
 from .errors import AgreedError, UsageError, UserError, raise_if_interrupted
-from .io import TEMP_SUFFIX, atomic_write, make_grid, remove_stale_temps, save_image
+from .io import TEMP_SUFFIX, atomic_write, make_grid, naming, remove_stale_temps, save_image
 from .paths import blocking_file, not_a_folder
 from .runtime import bf16_network, compiled, denoised_range, denoiser, load_weights, resolve_device, seed_of
 from .unet import build_model
@@ -716,25 +716,38 @@ def _trim_metrics(path: Path, step: int) -> None:
     """Drop the metrics logged after the checkpoint a resume starts from (a run killed between its last checkpoint
     and its next log line): the resumed run logs those steps again, so each step appears once. A last line cut
     short (a kill or a full disk inside a write) is dropped too, or ended if it is whole: the next record would
-    be glued onto it."""
+    be glued onto it. The file is streamed (memory: one line; a long run's file is large) and rewritten only if a
+    line changes."""
     if not path.is_file():
         return
-    lines = path.read_bytes().splitlines(keepends=True)  # bytes: the lines kept are kept exactly as written
 
     def logged_at(line: bytes) -> float | None:
         """The step of one of bdm's records, None for any other line (a user's note, a NaN step)."""
+        if len(line) > 1 << 16:  # bdm's records are a few hundred bytes: a longer line is someone else's, kept unread
+            return None
         try:
             value = float(json.loads(line)["step"])
         except (ValueError, KeyError, IndexError, TypeError):  # UnicodeDecodeError is a ValueError
             return None
         return value if math.isfinite(value) else None
 
-    keep = [line for line in lines if (logged_at(line) or 0.0) <= step]  # not a metrics line of ours: kept
-    if keep and not keep[-1].endswith(b"\n"):  # ours cut short (its opening as _log writes it) is dropped
-        keep[-1] = b"" if keep[-1].startswith(b'{"step": ') and logged_at(keep[-1]) is None else keep[-1] + b"\n"
-    if keep != lines:
-        with atomic_write(path, "wb") as f:
-            f.writelines(keep)
+    def kept(lines: Iterable[bytes]) -> Iterator[bytes]:  # bytes: the lines kept are kept exactly as written
+        last = None
+        for line in lines:
+            if (logged_at(line) or 0.0) <= step:  # not a metrics line of ours: kept
+                if last is not None:
+                    yield last
+                last = line
+        if last is not None and not last.endswith(b"\n"):  # ours cut short (its opening as _log writes it) is dropped
+            last = b"" if last.startswith(b'{"step": ') and logged_at(last) is None else last + b"\n"
+        if last:
+            yield last
+
+    with open(path, "rb") as f:  # only a file's last line can lack its newline
+        changed = any((logged_at(line) or 0.0) > step or not line.endswith(b"\n") for line in f)
+    if changed:
+        with open(path, "rb") as f, atomic_write(path, "wb") as out:
+            out.writelines(kept(f))
 
 
 def _lock(run_dir: Path):
@@ -765,7 +778,7 @@ def _tensorboard(run_dir: Path):
 
 
 def _log(run_dir: Path, writer, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
+    with naming(run_dir / "metrics.jsonl"), open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({**record, "time": time.time()}) + "\n")
     if writer:
         for key, value in record.items():

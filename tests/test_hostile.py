@@ -2853,3 +2853,44 @@ def test_round_twenty_nine(tmp_path):
     with pytest.raises(UserError, match="written to a .npz file"):
         fid.save_stats(tmp_path / "s4", np.zeros(2), np.eye(2), 10)
     assert not (tmp_path / "s4").exists()
+
+
+def test_round_thirty(good_run, tmp_path):
+    """A progressive JPEG whose ICC profile or comment holds FF DA bytes was refused as a "scan bomb" (metadata is not
+    byte-stuffed: the scan count must walk the segments); a file-size limit met by metrics.jsonl named no file; the
+    library's data helpers gave 3 channels for channels=2, 4 or 0 and failed inside Pillow for a size of 0; a
+    Config field of a Python type was blamed on YAML; a resume read the whole metrics.jsonl into memory (a foreign
+    line of 100 KB is now kept unread)."""
+    import dataclasses
+    import resource
+
+    from bdm_cli import data
+    from bdm_cli.config import ConfigError, from_dict, load_config, to_dict
+    from bdm_cli.errors import UserError
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8"))
+    for extra in ({"icc_profile": b"\xff\xda" * 600}, {"comment": b"\xff\xda" * 600}):
+        picture.save(tmp_path / "meta.jpg", progressive=True, **extra)
+        assert data.load_image(tmp_path / "meta.jpg", 8).shape == (3, 8, 8)
+
+    run = _copy_run(good_run, tmp_path / "run")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("a note of mine " + "x" * 100_000 + "\n")
+    r = _bdm_limited(tmp_path, resource.RLIMIT_FSIZE, 50_000, "train", "--resume", run, "--steps", 4, "--set", "train.log_every=1")
+    assert "Error: File too large: " in r.stderr and "metrics.jsonl (over this process's file-size limit" in r.stderr, r.stderr
+    assert "a note of mine" in (run / "metrics.jsonl").read_text()
+
+    for call, match in ((lambda: data.make_dataset("digits", 8, 2), "channels must be 1"),
+                        (lambda: data.make_dataset("digits", 8, 3.0), "channels must be 1"),
+                        (lambda: data.load_image(tmp_path / "meta.jpg", 0), "resolution must be a whole number"),
+                        (lambda: data.load_image(tmp_path / "meta.jpg", 10**6), "resolution must be a whole number"),
+                        (lambda: data.preprocess(Image.new("RGB", (0, 0)), 8), "the image is empty")):
+        with pytest.raises((ValueError, UserError), match=match):
+            call()
+    assert data.preprocess(Image.new("LA", (8, 8)).convert("La"), 8).shape == (3, 8, 8)
+
+    cfg = load_config("tiny")
+    with pytest.raises(ConfigError, match="train.device must be text \\(a str\\), got a device"):
+        from_dict(to_dict(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=torch.device("cpu")))))
+    assert from_dict(to_dict(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=tmp_path)))).data.dataset == str(tmp_path)
