@@ -377,31 +377,41 @@ def _merge(cfg: Config, data: dict, source: str) -> Config:
     return cfg
 
 
-def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), _seen: tuple = ()) -> Config:
-    """Defaults, then the preset (and what it ``extends``), then ``section.key=value`` overrides."""
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the preset (and what it ``extends``), then ``section.key=value`` overrides; the whole checked
+    once, at the end (a base preset may hold values that only its child makes valid)."""
+    if preset is not None and not isinstance(preset, (str, os.PathLike)):
+        raise TypeError(f"preset must be a preset's name or a .yaml path, got {type(preset).__name__}")
+    preset = os.fspath(preset) if isinstance(preset, os.PathLike) else preset
+    return apply_overrides(_preset_config(preset) if preset else Config(), overrides).validate()
+
+
+def _preset_config(preset: str, _seen: tuple = ()) -> Config:
+    """The defaults under a preset and the chain it ``extends``, each field checked, the whole not yet."""
+    path = preset_path(preset)
+    shown = path.name if path.parent == _presets_dir() else str(path)  # a user's file as its path: which p.yaml?
+    key = str(path.resolve())  # resolved: sub/../sub/a.yaml is the same file as sub/a.yaml
+    if key in _seen:
+        raise ConfigError(f"{_seen[0]}: preset 'extends' loop through {shown!r}")
+    if len(_seen) >= 16:
+        raise ConfigError(f"{_seen[0]}: preset 'extends' chain longer than 16 files")
+    data = _read_yaml(path)
+    has_parent, parent = "extends" in data, data.pop("extends", None)
+    name = data.pop("preset", None)  # a run's config.yaml names its preset: it serves as a preset itself
+    if name is not None and not isinstance(name, str):  # (to train the same model again, under that name)
+        raise ConfigError(f"{shown}: 'preset' is the name of the preset a run came from, a text")
+    if has_parent and (not isinstance(parent, str) or not parent):  # extends: 0 / false / "" / ~ meant something
+        raise ConfigError(f"{shown}: 'extends' must name a preset or a .yaml file, got {reprlib.repr(parent)}")
     cfg = Config()
-    if preset:
-        path = preset_path(preset)
-        key = str(path.resolve())  # resolved: sub/../sub/a.yaml is the same file as sub/a.yaml
-        if key in _seen:
-            raise ConfigError(f"{_seen[0]}: preset 'extends' loop through {path.name!r}")
-        if len(_seen) >= 16:
-            raise ConfigError(f"{_seen[0]}: preset 'extends' chain longer than 16 files")
-        data = _read_yaml(path)
-        parent = data.pop("extends", None)
-        name = data.pop("preset", None)  # a run's config.yaml names its preset: it serves as a preset itself
-        if name is not None and not isinstance(name, str):  # (to train the same model again, under that name)
-            raise ConfigError(f"{path.name}: 'preset' is the name of the preset a run came from, a text")
-        if parent is not None and (not isinstance(parent, str) or not parent):  # extends: 0 / false / "" meant something
-            raise ConfigError(f"{path.name}: 'extends' must name a preset or a .yaml file, got {reprlib.repr(parent)}")
-        if parent:
-            if Path(parent).suffix.lower() in (".yaml", ".yml") or "/" in parent:
-                # a file named by a preset is found beside that preset (or where it says: ~/ or /), never in the
-                # current folder: the same preset gives the same config wherever it is run from
-                parent = str(path.parent / user_path(parent))
-            cfg = load_config(parent, (), _seen + (key,))
-        cfg = replace(_merge(cfg, data, path.name), preset=name if name and re.fullmatch(r"\w[\w.-]*", name) else path.stem)
-    return apply_overrides(cfg, overrides).validate()
+    if parent:
+        if Path(parent).suffix.lower() in (".yaml", ".yml") or "/" in parent:
+            # a file named by a preset is found beside that preset (or where it says: ~/ or /), never in the
+            # current folder: the same preset gives the same config wherever it is run from; joined as text, so
+            # that ./tiny keeps its folder part (a Path made it the built-in tiny)
+            expanded = str(user_path(parent)) if parent.startswith("~") else parent
+            parent = os.path.join(str(path.parent), expanded)
+        cfg = _preset_config(parent, _seen + (key,))
+    return replace(_merge(cfg, data, shown), preset=name if name and re.fullmatch(r"\w[\w.-]*", name) else path.stem)
 
 
 def _field_type(section: str, name: str):

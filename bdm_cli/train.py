@@ -738,8 +738,11 @@ def _trim_metrics(path: Path, step: int) -> None:
                 if last is not None:
                     yield last
                 last = line
-        if last is not None and not last.endswith(b"\n"):  # ours cut short (its opening as _log writes it) is dropped
-            last = b"" if last.startswith(b'{"step": ') and logged_at(last) is None else last + b"\n"
+        if last is not None and not last.endswith(b"\n"):  # ours cut short (its opening as _log writes it) is dropped,
+            # and so is a tail of NULs (a crash's unwritten blocks); a "line" of several records (a file whose lines
+            # end in CR only) is no record cut short: it is kept, ended
+            cut = last.startswith(b'{"step": ') and last.count(b'{"step": ') == 1 and b"\r" not in last and logged_at(last) is None
+            last = b"" if cut or not last.strip(b"\x00") else last + b"\n"
         if last:
             yield last
 

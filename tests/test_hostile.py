@@ -2894,3 +2894,44 @@ def test_round_thirty(good_run, tmp_path):
     with pytest.raises(ConfigError, match="train.device must be text \\(a str\\), got a device"):
         from_dict(to_dict(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=torch.device("cpu")))))
     assert from_dict(to_dict(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=tmp_path)))).data.dataset == str(tmp_path)
+
+
+def test_round_thirty_one(good_run, tmp_path, monkeypatch):
+    """A resume dropped every record of a metrics.jsonl whose lines end in CR only (one "line" taken for a record cut
+    short) and kept a crash's tail of NULs as a line; posterior_coefficients gave NaN or negative coefficients for
+    alpha 0 or delta -1; `extends: ./tiny` loaded the built-in tiny, `extends: ~` nothing; each preset of a chain was
+    checked alone (a base valid only with its child's values was refused), and errors named a parent by its base name."""
+    from bdm_cli.config import ConfigError, load_config
+    from bdm_cli.engine import posterior_coefficients
+
+    for name, edit in (("cr", lambda b: b.replace(b"\n", b"\r")), ("nul", lambda b: b + b"\x00" * 4096)):
+        run = _copy_run(good_run, tmp_path / name)
+        records = (run / "metrics.jsonl").read_bytes().count(b'{"step": ')
+        (run / "metrics.jsonl").write_bytes(edit((run / "metrics.jsonl").read_bytes()))
+        assert invoke("train", "--resume", run, "--steps", 4).exit_code == 0
+        after = (run / "metrics.jsonl").read_bytes()
+        assert after.count(b'{"step": ') > records and b"\x00" not in after
+
+    for args, kwargs, match in (((0.0, 1.0, 0.0, 1.0), {}, "alphas > 0"), ((0.5, 0.8, 0.6, 0.7), {"delta": -1}, "delta"),
+                                ((0.5, 0.8, 0.6, 0.7), {"delta": float("nan")}, "delta"),
+                                ((torch.ones(3) * 0.1, torch.ones(4), torch.ones(5), torch.ones(5)), {}, "broadcast"),
+                                (("0.5", 0.8, 0.6, 0.7), {}, "alpha_t must be a real number")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            posterior_coefficients(*args, **kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").write_text("")  # a file named like the built-in preset
+    (tmp_path / "dot.yaml").write_text("extends: ./tiny\n")
+    (tmp_path / "null.yaml").write_text("extends:\ndiffusion:\n  sigma_blur_max: 3\n")
+    with pytest.raises(ConfigError, match="must end in .yaml"):
+        load_config("dot.yaml")
+    with pytest.raises(ConfigError, match="'extends' must name a preset or a .yaml file, got None"):
+        load_config("null.yaml")
+    (tmp_path / "pa").mkdir()
+    (tmp_path / "pb").mkdir()
+    (tmp_path / "pb" / "base.yaml").write_text("extends: tiny\ntrain:\n  lr: -1\n")  # valid only with its child's lr
+    (tmp_path / "pa" / "child.yaml").write_text("extends: ../pb/base.yaml\ntrain:\n  lr: 0.001\n")
+    assert load_config("pa/child.yaml").train.lr == 0.001
+    (tmp_path / "pb" / "base.yaml").write_text("extends: tiny\ntrain:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match=re.escape(f"pa{os.sep}..{os.sep}pb{os.sep}base.yaml: unknown key train.lrr")):
+        load_config("pa/child.yaml")

@@ -6,6 +6,7 @@ checked against a float64 reference.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Callable
 
 import torch
@@ -58,6 +59,12 @@ def eps_loss(model: Model, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     return F.mse_loss(eps_hat.float(), noise.float())
 
 
+def _check_delta(delta) -> None:
+    """The posterior's variance floor: a number in (0, 1) (-1 gave negative, plausible-looking coefficients)."""
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise ValueError(f"delta must be a number in (0, 1) (a variance floor), got {reprlib.repr(delta)}")
+
+
 def posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, delta: float = 1e-8):
     """Per-frequency coefficients of ``p(z_s | z_t)`` in DCT space (Sec. 3, "denoising process").
 
@@ -69,13 +76,27 @@ def posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, delta: float = 1e
     Returned as ``(c_u, c_x, var)`` so that ``mean_u = c_u * u_t + c_x * x_hat_u``, with the model's x
     prediction ``x_hat_u = (u_t - sigma_t eps_u) / alpha_t`` (so ``c_x = alpha_s var / sigma_s^2``).
     """
+    _check_delta(delta)
+    names = ("alpha_t", "sigma_t", "alpha_s", "sigma_s")
+    values = dict(zip(names, (alpha_t, sigma_t, alpha_s, sigma_s)))
+    for name, v in values.items():  # True is no alpha; "0.5" failed inside torch
+        if isinstance(v, (bool, str, bytes)) or (isinstance(v, torch.Tensor) and (v.dtype == torch.bool or v.is_complex())):
+            raise TypeError(f"{name} must be a real number or tensor, got {reprlib.repr(v)}")
     # numbers and numpy arrays as float64 tensors (their own arithmetic has no clamp)
     alpha_t, sigma_t, alpha_s, sigma_s = (v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
-                                          for v in (alpha_t, sigma_t, alpha_s, sigma_s))
+                                          for v in values.values())
+    try:
+        torch.broadcast_shapes(*(v.shape for v in (alpha_t, sigma_t, alpha_s, sigma_s)))
+    except RuntimeError:
+        raise ValueError("posterior_coefficients' alphas and sigmas must broadcast to one shape, got "
+                         + ", ".join(f"{n} {tuple(v.shape)}" for n, v in zip(names, (alpha_t, sigma_t, alpha_s, sigma_s)))) from None
     if all(v.device.type == "cpu" for v in (alpha_t, sigma_t, alpha_s, sigma_s)):  # as check_times: no sync on a GPU
         at, st, as_, ss = (v.double() for v in (alpha_t, sigma_t, alpha_s, sigma_s))
         if not all(bool(v.isfinite().all()) for v in (at, st, as_, ss)):
             raise ValueError("posterior_coefficients needs finite alphas and sigmas, got NaN or inf")
+        if not (bool((at > 0).all()) and bool((as_ > 0).all()) and bool((st >= 0).all()) and bool((ss >= 0).all())):
+            raise ValueError("posterior_coefficients needs alphas > 0 and sigmas >= 0 (alpha 0 is no signal left: "
+                             "its posterior divides by it)")
         if not bool((st * as_ >= ss * at * (1 - 1e-6)).all()):  # s after t: plausible numbers, a wrong posterior
             raise ValueError("posterior_coefficients needs s before t: sigma_t / alpha_t >= sigma_s / alpha_s at every "
                              "frequency")
@@ -100,8 +121,7 @@ def denoise_mean_var(z_t, t, s, eps_hat, schedule: BlurSchedule, delta: float = 
     check_images(z_t, "z_t", batch=s)
     check_schedule(schedule)
     check_like(eps_hat, z_t, "eps_hat", "z_t")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-        raise ValueError(f"delta must be a number in (0, 1) (a variance floor), got {delta!r}")
+    _check_delta(delta)
     if not isinstance(t, torch.Tensor) or t.device.type == "cpu":  # as check_times: no host sync on a GPU
         if not bool((torch.as_tensor(s, dtype=torch.float64) < torch.as_tensor(t, dtype=torch.float64)).all()):
             raise ValueError(f"denoise_mean_var needs s < t, got s={s} and t={t}")
