@@ -409,7 +409,8 @@ def _preset_config(preset: str, _seen: tuple = ()) -> Config:
             # current folder: the same preset gives the same config wherever it is run from; joined as text, so
             # that ./tiny keeps its folder part (a Path made it the built-in tiny)
             expanded = str(user_path(parent)) if parent.startswith("~") else parent
-            parent = os.path.join(str(path.parent), expanded)
+            beside = path.resolve().parent if path.is_symlink() else path.parent  # a link's file's folder, not the link's
+            parent = os.path.join(str(beside), expanded)
         cfg = _preset_config(parent, _seen + (key,))
     return replace(_merge(cfg, data, shown), preset=name if name and re.fullmatch(r"\w[\w.-]*", name) else path.stem)
 

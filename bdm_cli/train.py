@@ -723,7 +723,7 @@ def _trim_metrics(path: Path, step: int) -> None:
 
     def logged_at(line: bytes) -> float | None:
         """The step of one of bdm's records, None for any other line (a user's note, a NaN step)."""
-        if len(line) > 1 << 16:  # bdm's records are a few hundred bytes: a longer line is someone else's, kept unread
+        if len(line) > 1 << 16 or not line.startswith(b"{"):  # bdm's records: a few hundred bytes, a JSON object
             return None
         try:
             value = float(json.loads(line)["step"])
@@ -731,26 +731,35 @@ def _trim_metrics(path: Path, step: int) -> None:
             return None
         return value if math.isfinite(value) else None
 
+    def split(lines: Iterable[bytes]) -> Iterator[bytes]:
+        """Lines ended by LF, CRLF or a lone CR (a file hand-edited on an old Mac: its records are records too),
+        each with its own ending."""
+        for line in lines:
+            yield from (piece for piece in _AFTER_LONE_CR.split(line) if piece)
+
     def kept(lines: Iterable[bytes]) -> Iterator[bytes]:  # bytes: the lines kept are kept exactly as written
         last = None
-        for line in lines:
+        for line in split(lines):
             if (logged_at(line) or 0.0) <= step:  # not a metrics line of ours: kept
                 if last is not None:
                     yield last
                 last = line
-        if last is not None and not last.endswith(b"\n"):  # ours cut short (its opening as _log writes it) is dropped,
-            # and so is a tail of NULs (a crash's unwritten blocks); a "line" of several records (a file whose lines
-            # end in CR only) is no record cut short: it is kept, ended
-            cut = last.startswith(b'{"step": ') and last.count(b'{"step": ') == 1 and b"\r" not in last and logged_at(last) is None
+        if last is not None and not last.endswith((b"\n", b"\r")):  # ours cut short (its opening as _log writes it)
+            # is dropped, and so is a tail of NULs (a crash's unwritten blocks)
+            opening = b'{"step": '  # cut anywhere, even inside it
+            cut = (opening.startswith(last) or (last.startswith(opening) and last.count(opening) == 1)) and logged_at(last) is None
             last = b"" if cut or not last.strip(b"\x00") else last + b"\n"
         if last:
             yield last
 
-    with open(path, "rb") as f:  # only a file's last line can lack its newline
-        changed = any((logged_at(line) or 0.0) > step or not line.endswith(b"\n") for line in f)
+    with open(path, "rb") as f:  # only a file's last line can lack its ending
+        changed = any((logged_at(line) or 0.0) > step or not line.endswith((b"\n", b"\r")) for line in split(f))
     if changed:
         with open(path, "rb") as f, atomic_write(path, "wb") as out:
             out.writelines(kept(f))
+
+
+_AFTER_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # where a line that ends in CR alone ends
 
 
 def _lock(run_dir: Path):

@@ -2935,3 +2935,37 @@ def test_round_thirty_one(good_run, tmp_path, monkeypatch):
     (tmp_path / "pb" / "base.yaml").write_text("extends: tiny\ntrain:\n  lrr: 1\n")
     with pytest.raises(ConfigError, match=re.escape(f"pa{os.sep}..{os.sep}pb{os.sep}base.yaml: unknown key train.lrr")):
         load_config("pa/child.yaml")
+
+
+def test_round_thirty_two(tmp_path):
+    """posterior_coefficients gave NaN for float16 tensors (delta 1e-8 is 0 there) and for finite float32 ones whose
+    squares overflow, and took numpy's bools and complex numbers; a symlinked preset looked for its parent beside the
+    link; a resume kept records past the checkpoint in a tail of lone-CR lines; denoise_mean_var returned a float64
+    mean for a float32 z_t."""
+    from bdm_cli.config import load_config
+    from bdm_cli.engine import BlurSchedule, denoise_mean_var, posterior_coefficients
+    from bdm_cli.train import _trim_metrics
+
+    half = [torch.tensor(v, dtype=torch.float16) for v in (0.9, 0.5, 0.95, 0.0)]
+    for args in (half, [torch.tensor(v) for v in (1e30, 1e30, 1e30, 1e29)]):
+        out = posterior_coefficients(*args)
+        assert all(torch.isfinite(c).all() and c.dtype == args[0].dtype for c in out)
+    for bad in (np.bool_(True), np.array([0.9 + 1j]), np.array(["a"])):
+        with pytest.raises(TypeError, match="alpha_t must be a real number"):
+            posterior_coefficients(bad, 0.5, 0.95, 0.3)
+    mean, var = denoise_mean_var(torch.randn(2, 1, 8, 8), 0.5, 0.4, torch.randn(2, 1, 8, 8, dtype=torch.float64),
+                                 BlurSchedule(sigma_blur_max=2.0))
+    assert mean.dtype == var.dtype == torch.float32
+
+    (tmp_path / "p" / "sub").mkdir(parents=True)
+    (tmp_path / "q").mkdir()
+    (tmp_path / "p" / "base.yaml").write_text("extends: tiny\ntrain:\n  steps: 7\n")
+    (tmp_path / "p" / "sub" / "real.yaml").write_text("extends: ../base.yaml\n")
+    (tmp_path / "q" / "link.yaml").symlink_to(tmp_path / "p" / "sub" / "real.yaml")
+    (tmp_path / "base.yaml").write_text("train:\n  steps: 99\n")  # beside the link's folder: not the preset's parent
+    assert load_config(str(tmp_path / "q" / "link.yaml")).train.steps == 7
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 10, "loss": 1}\n{"step": 20, "loss": 1}\r{"step": 25, "loss": 1}\r{"step":')
+    _trim_metrics(metrics, 20)
+    assert metrics.read_bytes() == b'{"step": 10, "loss": 1}\n{"step": 20, "loss": 1}\r'

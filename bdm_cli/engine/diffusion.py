@@ -6,9 +6,12 @@ checked against a float64 reference.
 
 from __future__ import annotations
 
+import functools
+import numbers
 import reprlib
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,7 +64,7 @@ def eps_loss(model: Model, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
 
 def _check_delta(delta) -> None:
     """The posterior's variance floor: a number in (0, 1) (-1 gave negative, plausible-looking coefficients)."""
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+    if isinstance(delta, (bool, np.bool_)) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
         raise ValueError(f"delta must be a number in (0, 1) (a variance floor), got {reprlib.repr(delta)}")
 
 
@@ -79,11 +82,15 @@ def posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, delta: float = 1e
     _check_delta(delta)
     names = ("alpha_t", "sigma_t", "alpha_s", "sigma_s")
     values = dict(zip(names, (alpha_t, sigma_t, alpha_s, sigma_s)))
-    for name, v in values.items():  # True is no alpha; "0.5" failed inside torch
-        if isinstance(v, (bool, str, bytes)) or (isinstance(v, torch.Tensor) and (v.dtype == torch.bool or v.is_complex())):
+    for name, v in values.items():  # True is no alpha; "0.5" failed inside torch; complex lost its imaginary part
+        if isinstance(v, torch.Tensor):
+            real = not (v.dtype == torch.bool or v.is_complex())
+        else:  # numpy's bool, complex, text and object arrays too
+            real = not isinstance(v, (bool, str, bytes)) and np.asarray(v).dtype.kind in "fiu"
+        if not real:
             raise TypeError(f"{name} must be a real number or tensor, got {reprlib.repr(v)}")
     # numbers and numpy arrays as float64 tensors (their own arithmetic has no clamp)
-    alpha_t, sigma_t, alpha_s, sigma_s = (v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
+    alpha_t, sigma_t, alpha_s, sigma_s = (v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v, np.float64))
                                           for v in values.values())
     try:
         torch.broadcast_shapes(*(v.shape for v in (alpha_t, sigma_t, alpha_s, sigma_s)))
@@ -100,13 +107,17 @@ def posterior_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, delta: float = 1e
         if not bool((st * as_ >= ss * at * (1 - 1e-6)).all()):  # s after t: plausible numbers, a wrong posterior
             raise ValueError("posterior_coefficients needs s before t: sigma_t / alpha_t >= sigma_s / alpha_s at every "
                              "frequency")
+    # in float64 whatever the inputs' precision (delta 1e-8 is 0 in float16, 1e30 squared inf in float32: NaN came
+    # back), returned in theirs
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in (alpha_t, sigma_t, alpha_s, sigma_s)))
+    alpha_t, sigma_t, alpha_s, sigma_s = (v.double() for v in (alpha_t, sigma_t, alpha_s, sigma_s))
     alpha_ts = alpha_t / alpha_s
     sigma2_s = sigma_s**2
     sigma2_ts = sigma_t**2 - alpha_ts**2 * sigma2_s
     var = 1 / (1 / sigma2_s.clamp(min=delta) + 1 / (sigma_t**2 / alpha_ts**2 - sigma2_s).clamp(min=delta)).clamp(min=delta)
     c_u = alpha_ts * var / (sigma2_ts + delta)
     c_x = alpha_s * var / sigma2_s.clamp(min=delta)
-    return c_u, c_x, var
+    return c_u.to(dtype), c_x.to(dtype), var.to(dtype)
 
 
 def denoise_mean_var(z_t, t, s, eps_hat, schedule: BlurSchedule, delta: float = 1e-8):
@@ -129,7 +140,8 @@ def denoise_mean_var(z_t, t, s, eps_hat, schedule: BlurSchedule, delta: float = 
     c_u, c_x, var = posterior_coefficients(alpha_t, sigma_t, *_alpha_sigma64(schedule, s, z_t), delta)
     c_eps = c_x / alpha_t  # x_hat's 1/alpha_t folded into the float64 coefficient: var / (alpha_ts sigma_s^2)
     u_t = dct2(z_t)
-    mean = idct2(c_u.to(z_t.dtype) * u_t + c_eps.to(z_t.dtype) * (u_t - sigma_t.to(z_t.dtype) * dct2(eps_hat)))
+    eps_u = dct2(eps_hat.to(z_t.dtype))  # in z_t's precision: a float64 eps_hat made a float64 mean beside a float32 var
+    mean = idct2(c_u.to(z_t.dtype) * u_t + c_eps.to(z_t.dtype) * (u_t - sigma_t.to(z_t.dtype) * eps_u))
     return mean, var.to(z_t.dtype)
 
 
