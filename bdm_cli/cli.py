@@ -382,8 +382,10 @@ def train_cmd(
             if preset is not None or (out_dir is not None and out_dir.resolve() != resume.resolve()):
                 raise UsageError("--resume continues a run with its own config in its own directory; --preset and --out "
                                  "do not apply (change a setting with --set section.key=value)")
-            if resume.is_file():
-                raise UsageError(f"--resume takes the run's folder ({resume.parent}), not its checkpoint file")
+            if resume.is_file():  # the run's folder suggested only where there is one (a PNG's "." was none)
+                run_of = resume.parent if (resume.parent / CHECKPOINT).is_file() else None
+                raise UsageError(f"--resume takes the run's folder ({run_of}), not one of its files" if run_of else
+                                 f"--resume takes a run's folder (the one that holds {CHECKPOINT}), not the file {resume}")
             if not resume.is_dir():
                 raise UsageError(f"--resume {resume}: " + ("no such run folder" if not resume.exists() else
                                                            "not a folder (a pipe or device)"))

@@ -2969,3 +2969,13 @@ def test_round_thirty_two(tmp_path):
     metrics.write_bytes(b'{"step": 10, "loss": 1}\n{"step": 20, "loss": 1}\r{"step": 25, "loss": 1}\r{"step":')
     _trim_metrics(metrics, 20)
     assert metrics.read_bytes() == b'{"step": 10, "loss": 1}\n{"step": 20, "loss": 1}\r'
+
+
+def test_round_thirty_three(good_run, tmp_path):
+    """--resume of a file that is no checkpoint (a PNG, a run's grid) said "takes the run's folder (.), not its
+    checkpoint file", pointing at a folder that is no run."""
+    (tmp_path / "notimg.png").write_text("hi")
+    msg = one_line_error(invoke("train", "--resume", tmp_path / "notimg.png"), 2)
+    assert "takes a run's folder (the one that holds checkpoint.pt), not the file" in msg and "(.)" not in msg
+    msg = one_line_error(invoke("train", "--resume", good_run / "config.yaml"), 2)
+    assert f"takes the run's folder ({good_run}), not one of its files" in msg
