@@ -118,10 +118,8 @@ def sample_batches(run: Run, n: int, *, seed: int = 0, batch_size: int = 256, st
                        grid=(cfg.sample.grid or None) if grid is None else grid, generator=gens,
                        callback=(lambda st, s0=start: callback(s0, st)) if callback else None,
                        denoised_range=denoised_range(run.stats))
-        except NonFiniteOutput:  # the network's own output overflowed (clamped, it would pass as images)
-            x = None
-        if x is None or not torch.isfinite(x).all():  # one check per batch; clamped, NaN would pass as black images
+        except NonFiniteOutput:  # NaN, inf or an overflowing x (clamped, they would pass as black or plausible images)
             raise UserError(f"the model's samples are not finite (NaN or inf) from sample {start} on: its weights "
-                            "are broken (a diverged training?); nothing is written for them")
+                            "are broken (a diverged training?); nothing is written for them") from None
         yield (x.float().clamp(-1, 1) if clamp else x.float()).cpu()
 
