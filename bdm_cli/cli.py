@@ -90,7 +90,7 @@ def user_errors():
         console.print("[yellow]Interrupted.[/]")
         raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT)) from None
     except Exception as e:  # the machine's limits and toolchain, not a bug: one line that says what to do
-        text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        text = _first_line(e)
         if INTERRUPTED.is_set():  # an error that a Ctrl-C caused (a half-imported module imported again): the stop
             console.print("[yellow]Interrupted.[/]")
             raise typer.Exit(130) from None
@@ -106,6 +106,11 @@ def user_errors():
 
 # CPU allocator and CUDA messages (torch.OutOfMemoryError is a RuntimeError)
 _OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory|DefaultCPUAllocator", re.IGNORECASE)
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message for one line: its first line, at most 200 characters, or its type's name."""
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def _error(message: str) -> None:
@@ -1080,7 +1085,7 @@ def run() -> None:
             _error(str(e))
             sys.exit(1)
         if isinstance(e, (ImportError, MemoryError)):  # torch, which each command imports, under a low ulimit -v:
-            text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__  # its libraries cannot be mapped
+            text = _first_line(e)  # its libraries cannot be mapped
             _error(f"could not load the libraries bdm needs ({text}): raise the memory limit (ulimit -v), or reinstall "
                    "them (make test)")
             sys.exit(1)
